@@ -1,0 +1,120 @@
+"""Typed configuration, validated once at the edge (CLI, job entrypoint, Serve app).
+
+Errors name the offending field, e.g. ``detector.conf: Input should be less than or
+equal to 1 (got 3.0)``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+EngineName = Literal["auto", "onnxruntime", "torch", "tensorrt"]
+Precision = Literal["fp32", "fp16", "int8"]
+
+DEFAULT_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class StorageConfig(_Strict):
+    """How to reach object storage (S3 through s3fs). Empty means the library defaults
+    (environment credentials, AWS endpoints)."""
+
+    endpoint_url: str | None = None
+    key: str | None = None
+    secret: str | None = None
+    anon: bool = False
+    region: str | None = None
+
+    def fsspec_options(self) -> dict[str, Any]:
+        """Keyword arguments for ``s3fs.S3FileSystem``."""
+        opts: dict[str, Any] = {"anon": self.anon}
+        if self.key is not None:
+            opts["key"] = self.key
+        if self.secret is not None:
+            opts["secret"] = self.secret
+        client_kwargs: dict[str, Any] = {}
+        if self.endpoint_url:
+            opts["endpoint_url"] = self.endpoint_url
+        if self.region:
+            client_kwargs["region_name"] = self.region
+        if client_kwargs:
+            opts["client_kwargs"] = client_kwargs
+        return opts
+
+
+class DetectorConfig(_Strict):
+    """Everything one :class:`raydetect.detector.Detector` needs."""
+
+    model: str = Field(min_length=1, description="Path or s3:// URL of a YOLO ONNX export")
+    engine: EngineName = "auto"
+    precision: Precision = "fp32"
+    conf: float = Field(0.25, ge=0.0, le=1.0, description="Minimum confidence")
+    iou: float = Field(0.7, ge=0.0, le=1.0, description="NMS IoU threshold")
+    max_det: int = Field(300, ge=1, le=100_000)
+    batch_size: int = Field(16, ge=1, le=4096, description="Images per engine call")
+    max_pixels: int = Field(40_000_000, ge=1, description="Larger images become error rows")
+    max_bytes: int = Field(64 * 1024 * 1024, ge=1, description="Larger files become error rows")
+    threads: int | None = Field(None, ge=1, le=512, description="CPU engine threads")
+    device: str | None = Field(None, description="'cpu', 'cuda' or 'cuda:N'; None picks")
+    storage: StorageConfig = StorageConfig()
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, v: str | None) -> str | None:
+        if v is None or v == "cpu" or v == "cuda":
+            return v
+        if v.startswith("cuda:") and v[5:].isdigit():
+            return v
+        raise ValueError(f"must be 'cpu', 'cuda' or 'cuda:N' (got {v!r})")
+
+
+class JobConfig(_Strict):
+    """The batch job: read images from ``input``, write Parquet to ``output``."""
+
+    input: str = Field(min_length=1)
+    output: str = Field(min_length=1)
+    detector: DetectorConfig
+    concurrency: int = Field(1, ge=1, le=10_000, description="Max detector actors")
+    min_actors: int = Field(1, ge=1, description="Actors kept when idle")
+    num_gpus: float = Field(0.0, ge=0.0, le=8.0, description="GPUs per detector actor")
+    num_cpus: float = Field(1.0, gt=0.0, description="CPUs per detector actor")
+    limit: int | None = Field(None, ge=1)
+    extensions: tuple[str, ...] = DEFAULT_IMAGE_EXTENSIONS
+    progress: bool = True
+
+    @field_validator("extensions")
+    @classmethod
+    def _lower_ext(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        out = []
+        for e in v:
+            e = e.lower()
+            out.append(e if e.startswith(".") else "." + e)
+        return tuple(out)
+
+
+def _format(err: ValidationError, prefix: str) -> str:
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        name = f"{prefix}.{loc}" if prefix and loc else (loc or prefix)
+        got = e.get("input")
+        got_s = "" if isinstance(got, dict) else f" (got {got!r})"
+        parts.append(f"{name}: {e['msg']}{got_s}")
+    return "; ".join(parts)
+
+
+def validate(model: type[BaseModel], data: dict[str, Any], prefix: str = "") -> Any:
+    """Build ``model`` from ``data``; raise :class:`ConfigError` naming the bad fields."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format(e, prefix)) from None

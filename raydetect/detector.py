@@ -1,0 +1,204 @@
+"""The Detector: encoded images (or arrays) in batches → :class:`ImageResult` per image.
+
+It is the callable class Ray Data's ``map_batches`` runs in an actor pool, and the
+model behind the Serve deployment. One detector holds one model card and one engine.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from raydetect.config import DetectorConfig, validate
+from raydetect.engines import create_engine
+from raydetect.model_card import ModelCard, batching_check_input
+from raydetect.postprocess import postprocess
+from raydetect.preprocess import (
+    ImageError,
+    Letterbox,
+    as_bgr,
+    decode_image,
+    letterbox,
+    to_tensor,
+    unletterbox_boxes,
+)
+from raydetect.types import Detection, ImageResult, results_to_table
+
+log = logging.getLogger(__name__)
+
+ImageInput = bytes | bytearray | memoryview | np.ndarray
+
+
+@dataclass
+class Timings:
+    """Seconds spent in each stage by the last :meth:`Detector.detect` call."""
+
+    decode: float = 0.0
+    infer: float = 0.0
+    postprocess: float = 0.0
+    images: int = 0
+    batches: int = 0
+
+    def as_dict(self) -> dict[str, float]:
+        return {
+            "decode_ms": self.decode * 1e3,
+            "infer_ms": self.infer * 1e3,
+            "postprocess_ms": self.postprocess * 1e3,
+            "images": self.images,
+            "batches": self.batches,
+        }
+
+
+class Detector:
+    """Detect objects in batches of images with one engine.
+
+    ``Detector(config)`` loads the model (from a path or s3:// URL), picks the engine,
+    verifies batching when the graph was rewritten to a dynamic batch and warms up.
+    """
+
+    def __init__(self, config: DetectorConfig | dict[str, Any], uri_prefix: str = "") -> None:
+        if not isinstance(config, DetectorConfig):
+            config = validate(DetectorConfig, config, "detector")
+        self.config = config
+        self.uri_prefix = uri_prefix
+        self.card = ModelCard.load(config.model, config.storage)
+        self.engine = create_engine(self.card, config)
+        self.chunk = config.batch_size
+        if self.engine.max_batch is not None:
+            self.chunk = min(self.chunk, self.engine.max_batch)
+        self.batching_verified = self._verify_batching()
+        self.timings = Timings()
+
+    # --- identity -----------------------------------------------------------------------
+    @property
+    def names(self) -> dict[int, str]:
+        return self.card.names
+
+    def info(self) -> dict[str, Any]:
+        return {
+            **self.card.summary(),
+            **self.engine.metadata(),
+            "batch_size": self.chunk,
+            "batching_verified": self.batching_verified,
+        }
+
+    def _verify_batching(self) -> bool:
+        """Run one image alone and inside a batch; on mismatch fall back to chunks of 1.
+        Doubles as the warm-up."""
+        x = batching_check_input(self.card.imgsz, n=2)
+        alone = np.asarray(self._infer(x[:1]))
+        if not self.card.batch_rewritten or self.chunk == 1:
+            return True
+        both = np.asarray(self._infer(x))
+        err = np.abs(both[:1] - alone).max() / max(float(np.abs(alone).max()), 1e-6)
+        if not np.isfinite(err) or err > 1e-3:
+            log.warning(
+                "%s: the graph rewritten to a dynamic batch gives different outputs in a batch "
+                "(relative error %.3g); running images one at a time",
+                self.card.url,
+                err,
+            )
+            self.chunk = 1
+            return False
+        return True
+
+    def _infer(self, x: np.ndarray) -> np.ndarray:
+        return self.engine.infer(x)
+
+    # --- detection ----------------------------------------------------------------------
+    def detect(
+        self,
+        images: Sequence[ImageInput],
+        uris: Sequence[str] | None = None,
+        *,
+        conf: float | None = None,
+        iou: float | None = None,
+        max_det: int | None = None,
+    ) -> list[ImageResult]:
+        """Detect in ``images`` (encoded bytes or uint8 arrays, BGR like OpenCV).
+        Bad inputs become results with ``error`` set; the others are unaffected."""
+        cfg = self.config
+        conf = cfg.conf if conf is None else conf
+        iou = cfg.iou if iou is None else iou
+        max_det = cfg.max_det if max_det is None else max_det
+        uris = list(uris) if uris is not None else [f"#{i}" for i in range(len(images))]
+        if len(uris) != len(images):
+            raise ValueError(f"{len(images)} images but {len(uris)} uris")
+        t = Timings(images=len(images))
+        results = [ImageResult(uri=u) for u in uris]
+        h, w = self.card.imgsz
+
+        ready: list[tuple[int, np.ndarray, Letterbox]] = []
+        t0 = time.perf_counter()
+        for i, img in enumerate(images):
+            try:
+                arr = self._decode(img)
+                results[i].height, results[i].width = arr.shape[:2]
+                boxed, geom = letterbox(arr, h, w)
+                ready.append((i, boxed, geom))
+            except ImageError as e:
+                results[i].error = str(e)
+            except Exception as e:  # a decoder bug must not kill the batch
+                results[i].error = f"decode failed: {type(e).__name__}: {e}"
+        t.decode = time.perf_counter() - t0
+
+        for start in range(0, len(ready), self.chunk):
+            part = ready[start : start + self.chunk]
+            t1 = time.perf_counter()
+            try:
+                preds = np.asarray(self._infer(to_tensor([p[1] for p in part])))
+            except Exception as e:
+                log.exception("engine failed on a batch of %d", len(part))
+                for i, _, _ in part:
+                    results[i].error = f"inference failed: {type(e).__name__}: {e}"
+                continue
+            t2 = time.perf_counter()
+            for (i, _, geom), pred in zip(part, preds, strict=True):
+                results[i].detections = self._to_detections(
+                    pred, geom, results[i].height, results[i].width, conf, iou, max_det
+                )
+            t.infer += t2 - t1
+            t.postprocess += time.perf_counter() - t2
+            t.batches += 1
+        self.timings = t
+        return results
+
+    def _decode(self, img: ImageInput) -> np.ndarray:
+        if isinstance(img, np.ndarray) and img.ndim in (2, 3):
+            return as_bgr(img)  # pixels; 1-D uint8 arrays are encoded bytes
+        data = img if isinstance(img, bytes) else bytes(img)
+        return decode_image(data, self.config.max_pixels, self.config.max_bytes)
+
+    def _to_detections(
+        self, pred: np.ndarray, geom: Letterbox, oh: int, ow: int, conf: float, iou: float, max_det: int
+    ) -> list[Detection]:
+        boxes, scores, cls = postprocess(pred, self.card.layout, conf, iou, max_det)
+        boxes = unletterbox_boxes(boxes, geom, oh, ow)
+        names = self.card.names
+        return [
+            Detection(
+                float(b[0]), float(b[1]), float(b[2]), float(b[3]), float(s), int(c), names.get(int(c), str(c))
+            )
+            for b, s, c in zip(boxes, scores, cls, strict=True)
+        ]
+
+    # --- Ray Data -----------------------------------------------------------------------
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        """``map_batches`` entry: ``{"bytes": [...], "path": [...]}`` → result rows."""
+        paths = [self.uri_prefix + str(p) for p in batch["path"]]
+        results = self.detect(list(batch["bytes"]), paths)
+        return self.to_table(results)
+
+    def to_table(self, results: list[ImageResult]) -> pa.Table:
+        return results_to_table(
+            results,
+            model_sha256=self.card.sha256,
+            engine=self.engine.name,
+            precision=self.engine.precision,
+        )

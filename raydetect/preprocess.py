@@ -1,0 +1,147 @@
+"""Decode and letterbox on the CPU, with the geometry Ultralytics uses.
+
+``letterbox`` keeps the aspect ratio, resizes with bilinear interpolation and pads
+(value 114) to the model's input size, which is a multiple of the model stride;
+``unletterbox_boxes`` maps boxes back to original pixel coordinates. GPU paths must
+reproduce the same :class:`Letterbox` geometry (see :func:`letterbox_geometry`).
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+PAD_VALUE = 114
+
+
+class ImageError(ValueError):
+    """The input is not a usable image; the message is what goes into the error column."""
+
+
+@dataclass(frozen=True, slots=True)
+class Letterbox:
+    """Geometry of one letterbox: resized size, scale and padding (pixels, left/top)."""
+
+    ratio: float
+    new_w: int
+    new_h: int
+    pad_left: int
+    pad_top: int
+    out_w: int
+    out_h: int
+
+
+def letterbox_geometry(h: int, w: int, out_h: int, out_w: int) -> Letterbox:
+    """Same arithmetic as Ultralytics ``LetterBox(auto=False, scaleup=True, center=True)``."""
+    r = min(out_h / h, out_w / w)
+    new_w, new_h = int(round(w * r)), int(round(h * r))
+    dw, dh = (out_w - new_w) / 2, (out_h - new_h) / 2
+    top = int(round(dh - 0.1))
+    left = int(round(dw - 0.1))
+    return Letterbox(r, new_w, new_h, left, top, out_w, out_h)
+
+
+def letterbox(img: np.ndarray, out_h: int, out_w: int) -> tuple[np.ndarray, Letterbox]:
+    """Letterbox an HxWx3 uint8 image into an out_h x out_w x 3 canvas."""
+    h, w = img.shape[:2]
+    g = letterbox_geometry(h, w, out_h, out_w)
+    if (w, h) != (g.new_w, g.new_h):
+        img = cv2.resize(img, (g.new_w, g.new_h), interpolation=cv2.INTER_LINEAR)
+    out = np.full((out_h, out_w, 3), PAD_VALUE, dtype=np.uint8)
+    out[g.pad_top : g.pad_top + g.new_h, g.pad_left : g.pad_left + g.new_w] = img
+    return out, g
+
+
+def to_tensor(images: list[np.ndarray]) -> np.ndarray:
+    """Letterboxed BGR HxWx3 uint8 images → float32 NCHW RGB in [0, 1]."""
+    batch = np.stack(images)[..., ::-1].transpose(0, 3, 1, 2)
+    return np.ascontiguousarray(batch, dtype=np.float32) * np.float32(1 / 255)
+
+
+def unletterbox_boxes(boxes: np.ndarray, g: Letterbox, orig_h: int, orig_w: int) -> np.ndarray:
+    """Map xyxy boxes from letterboxed to original pixel coordinates, clipped to the image."""
+    out = boxes.astype(np.float32, copy=True)
+    out[:, [0, 2]] -= g.pad_left
+    out[:, [1, 3]] -= g.pad_top
+    out /= np.float32(g.ratio)
+    out[:, [0, 2]] = out[:, [0, 2]].clip(0, orig_w)
+    out[:, [1, 3]] = out[:, [1, 3]].clip(0, orig_h)
+    return out
+
+
+def letterbox_boxes(boxes: np.ndarray, g: Letterbox) -> np.ndarray:
+    """Inverse of :func:`unletterbox_boxes` (without clipping); used by tests and calibration."""
+    out = boxes.astype(np.float32, copy=True) * np.float32(g.ratio)
+    out[:, [0, 2]] += g.pad_left
+    out[:, [1, 3]] += g.pad_top
+    return out
+
+
+# --- decoding ---------------------------------------------------------------------------
+
+_JPEG = b"\xff\xd8\xff"
+_PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def check_encoded(data: bytes, max_bytes: int) -> None:
+    """Cheap structural checks before decoding. Raises :class:`ImageError`."""
+    if len(data) == 0:
+        raise ImageError("empty file")
+    if len(data) > max_bytes:
+        raise ImageError(f"file too large: {len(data)} bytes > max_bytes {max_bytes}")
+    tail = data[-1024:]
+    # OpenCV decodes a truncated JPEG/PNG as a partly grey image without an error: catch
+    # truncation here from the missing end marker.
+    if data.startswith(_JPEG) and b"\xff\xd9" not in tail:
+        raise ImageError("truncated JPEG: no end-of-image marker")
+    if data.startswith(_PNG) and b"IEND" not in tail:
+        raise ImageError("truncated PNG: no IEND chunk")
+
+
+def image_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from the header alone, or None if Pillow cannot parse it."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return im.size
+    except Image.DecompressionBombError:
+        # Pillow refuses to even open huge images; its message has the size.
+        raise ImageError("image too large for Pillow's decompression-bomb limit") from None
+    except Exception:
+        return None
+
+
+def check_pixels(w: int, h: int, max_pixels: int) -> None:
+    if w * h > max_pixels:
+        raise ImageError(f"image too large: {w}x{h} = {w * h} pixels > max_pixels {max_pixels}")
+
+
+def decode_image(data: bytes, max_pixels: int, max_bytes: int) -> np.ndarray:
+    """Encoded bytes → HxWx3 BGR uint8. Raises :class:`ImageError` with a clear message
+    for empty, oversized, truncated or non-image input."""
+    check_encoded(data, max_bytes)
+    size = image_size(data)
+    if size is not None:
+        check_pixels(size[0], size[1], max_pixels)
+    img = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
+    if img is None:
+        raise ImageError("cannot decode: not an image or corrupt data")
+    check_pixels(img.shape[1], img.shape[0], max_pixels)
+    return img
+
+
+def as_bgr(img: np.ndarray) -> np.ndarray:
+    """Accept HxW (grey), HxWx3 (BGR) or HxWx4 (BGRA) uint8 arrays."""
+    if img.dtype != np.uint8:
+        raise ImageError(f"array images must be uint8, got {img.dtype}")
+    if img.ndim == 2:
+        return cv2.cvtColor(img, cv2.COLOR_GRAY2BGR)
+    if img.ndim == 3 and img.shape[2] == 3:
+        return img
+    if img.ndim == 3 and img.shape[2] == 4:
+        return cv2.cvtColor(img, cv2.COLOR_BGRA2BGR)
+    raise ImageError(f"array images must be HxW, HxWx3 or HxWx4, got shape {img.shape}")
