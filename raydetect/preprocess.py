@@ -21,6 +21,10 @@ class ImageError(ValueError):
     """The input is not a usable image; the message is what goes into the error column."""
 
 
+class ImageTooLargeError(ImageError):
+    """The input exceeds ``max_bytes`` or ``max_pixels`` (the online endpoint answers 413)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Letterbox:
     """Geometry of one letterbox: resized size, scale and padding (pixels, left/top)."""
@@ -91,7 +95,7 @@ def check_encoded(data: bytes, max_bytes: int) -> None:
     if len(data) == 0:
         raise ImageError("empty file")
     if len(data) > max_bytes:
-        raise ImageError(f"file too large: {len(data)} bytes > max_bytes {max_bytes}")
+        raise ImageTooLargeError(f"file too large: {len(data)} bytes > max_bytes {max_bytes}")
     tail = data[-1024:]
     # OpenCV decodes a truncated JPEG/PNG as a partly grey image without an error: catch
     # truncation here from the missing end marker.
@@ -110,14 +114,14 @@ def image_size(data: bytes) -> tuple[int, int] | None:
             return im.size
     except Image.DecompressionBombError:
         # Pillow refuses to even open huge images; its message has the size.
-        raise ImageError("image too large for Pillow's decompression-bomb limit") from None
+        raise ImageTooLargeError("image too large for Pillow's decompression-bomb limit") from None
     except Exception:
         return None
 
 
 def check_pixels(w: int, h: int, max_pixels: int) -> None:
     if w * h > max_pixels:
-        raise ImageError(f"image too large: {w}x{h} = {w * h} pixels > max_pixels {max_pixels}")
+        raise ImageTooLargeError(f"image too large: {w}x{h} = {w * h} pixels > max_pixels {max_pixels}")
 
 
 def decode_image(data: bytes, max_pixels: int, max_bytes: int) -> np.ndarray:
