@@ -7,6 +7,7 @@ model behind the Serve deployment. One detector holds one model card and one eng
 from __future__ import annotations
 
 import logging
+import numbers
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -53,6 +54,16 @@ class Timings:
             "images": self.images,
             "batches": self.batches,
         }
+
+
+def _per_image(value, n: int, name: str) -> list:
+    """One value for every image, or a sequence of exactly ``n`` values."""
+    if isinstance(value, numbers.Number):
+        return [value] * n
+    values = list(value)
+    if len(values) != n:
+        raise ValueError(f"{n} images but {len(values)} values of {name}")
+    return values
 
 
 class Detector:
@@ -117,16 +128,18 @@ class Detector:
         images: Sequence[ImageInput],
         uris: Sequence[str] | None = None,
         *,
-        conf: float | None = None,
-        iou: float | None = None,
-        max_det: int | None = None,
+        conf: float | Sequence[float] | None = None,
+        iou: float | Sequence[float] | None = None,
+        max_det: int | Sequence[int] | None = None,
     ) -> list[ImageResult]:
         """Detect in ``images`` (encoded bytes or uint8 arrays, BGR like OpenCV).
-        Bad inputs become results with ``error`` set; the others are unaffected."""
+        Bad inputs become results with ``error`` set; the others are unaffected.
+        ``conf``/``iou``/``max_det`` are one value for all images or one per image (the
+        online endpoint shares one engine call between requests with different values)."""
         cfg = self.config
-        conf = cfg.conf if conf is None else conf
-        iou = cfg.iou if iou is None else iou
-        max_det = cfg.max_det if max_det is None else max_det
+        conf = _per_image(cfg.conf if conf is None else conf, len(images), "conf")
+        iou = _per_image(cfg.iou if iou is None else iou, len(images), "iou")
+        max_det = _per_image(cfg.max_det if max_det is None else max_det, len(images), "max_det")
         uris = list(uris) if uris is not None else [f"#{i}" for i in range(len(images))]
         if len(uris) != len(images):
             raise ValueError(f"{len(images)} images but {len(uris)} uris")
@@ -161,7 +174,7 @@ class Detector:
             t2 = time.perf_counter()
             for (i, _, geom), pred in zip(part, preds, strict=True):
                 results[i].detections = self._to_detections(
-                    pred, geom, results[i].height, results[i].width, conf, iou, max_det
+                    pred, geom, results[i].height, results[i].width, conf[i], iou[i], max_det[i]
                 )
             t.infer += t2 - t1
             t.postprocess += time.perf_counter() - t2
