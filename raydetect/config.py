@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 EngineName = Literal["auto", "onnxruntime", "torch", "tensorrt"]
 Precision = Literal["fp32", "fp16", "int8"]
@@ -99,6 +99,44 @@ class JobConfig(_Strict):
             e = e.lower()
             out.append(e if e.startswith(".") else "." + e)
         return tuple(out)
+
+
+class ServeConfig(_Strict):
+    """The online endpoint: one Ray Serve deployment (FastAPI ingress) holding a Detector.
+    ``host``/``port`` are used by ``raydetect serve`` only; ``serve run``/``serve deploy``
+    take them from their own ``http_options``."""
+
+    detector: DetectorConfig
+    name: str = Field("raydetect", pattern=r"^[A-Za-z0-9_.-]+$", description="Serve application name")
+    route_prefix: str = Field("/", pattern=r"^/")
+    min_replicas: int = Field(1, ge=0, le=1000, description="Replicas kept when idle")
+    max_replicas: int = Field(1, ge=1, le=1000, description="Autoscaling upper bound")
+    target_ongoing_requests: float = Field(16.0, gt=0.0, description="Autoscaling target per replica")
+    max_ongoing_requests: int = Field(64, ge=1, le=100_000, description="Queue limit per replica")
+    num_cpus: float = Field(1.0, ge=0.0, description="CPUs per replica")
+    num_gpus: float = Field(0.0, ge=0.0, le=8.0, description="GPUs per replica; fractions share a GPU")
+    max_batch_size: int = Field(16, ge=1, le=1024, description="Requests merged into one engine call")
+    batch_wait_timeout_s: float = Field(0.005, ge=0.0, le=10.0, description="Wait to fill a batch")
+    max_files: int = Field(32, ge=1, le=1024, description="Images per /v1/detect/batch request")
+    timeout_s: float = Field(30.0, gt=0.0, le=3600.0, description="Per request; then 504")
+    api_key_env: str | None = Field(
+        None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="Env var holding the API key"
+    )
+    host: str = Field("127.0.0.1", min_length=1)
+    port: int = Field(8000, ge=1, le=65535)
+
+    @model_validator(mode="after")
+    def _check_limits(self) -> ServeConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(
+                f"min_replicas ({self.min_replicas}) must not exceed max_replicas ({self.max_replicas})"
+            )
+        if self.max_ongoing_requests < self.max_batch_size:
+            raise ValueError(
+                f"max_ongoing_requests ({self.max_ongoing_requests}) must be >= max_batch_size "
+                f"({self.max_batch_size}), or batches can never fill"
+            )
+        return self
 
 
 def _format(err: ValidationError, prefix: str) -> str:
