@@ -1,0 +1,123 @@
+"""Whole batch job vs engine alone on this CPU machine (issue 2's benchmark).
+
+    python benchmarks/cpu_job.py [--images 240] [--repeats 3] [--batch-size 8]
+
+Both are measured on the same files, alternating, ``--repeats`` times; medians are
+reported. *Engine only* = ONNX Runtime on already letterboxed tensors (no reading,
+decoding, letterboxing, NMS or writing). *Job* = ``raydetect.job.run_job`` from file
+listing to Parquet written, with Ray already started (the actor start, model load and
+warm-up are inside the job's time). Results: ``benchmarks/results/cpu_job.json|md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from raydetect.config import DetectorConfig, JobConfig  # noqa: E402
+from raydetect.engines.onnxruntime import OnnxRuntimeEngine  # noqa: E402
+from raydetect.job import run_job  # noqa: E402
+from raydetect.model_card import ModelCard  # noqa: E402
+from raydetect.preprocess import letterbox, to_tensor  # noqa: E402
+
+DATA = REPO.parent / "shared" / "data"
+
+
+def make_images(d: Path, n: int) -> list[Path]:
+    photos = sorted(p for p in (DATA / "images").iterdir() if p.suffix in (".jpg", ".webp"))
+    out = []
+    for i in range(n):
+        src = photos[i % len(photos)]
+        dst = d / f"img{i:05d}{src.suffix}"
+        shutil.copy(src, dst)
+        out.append(dst)
+    return out
+
+
+def engine_only(engine: OnnxRuntimeEngine, tensors: list[np.ndarray]) -> float:
+    t0 = time.perf_counter()
+    n = 0
+    for x in tensors:
+        engine.infer(x)
+        n += len(x)
+    return n / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default=str(DATA / "models" / "yolov8n-random.onnx"))
+    ap.add_argument("--images", type=int, default=240)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "cpu_job"))
+    args = ap.parse_args()
+
+    import ray
+
+    tmp = Path(tempfile.mkdtemp(prefix="raydetect-bench-"))
+    (tmp / "in").mkdir()
+    files = make_images(tmp / "in", args.images)
+    det_cfg = DetectorConfig(model=args.model, batch_size=args.batch_size)
+    card = ModelCard.load(args.model)
+    engine = OnnxRuntimeEngine(card, det_cfg)
+    boxed = [letterbox(cv2.imread(str(p)), *card.imgsz)[0] for p in files]
+    tensors = [to_tensor(boxed[i : i + args.batch_size]) for i in range(0, len(boxed), args.batch_size)]
+    engine.infer(tensors[0])  # warm-up
+
+    ray.init(address="local", logging_level="ERROR", include_dashboard=False)
+    runs = []
+    for r in range(args.repeats):
+        eng = engine_only(engine, tensors)
+        cfg = JobConfig(input=str(tmp / "in"), output=str(tmp / f"out{r}"), detector=det_cfg, progress=False)
+        s = run_job(cfg)
+        assert s.images == len(files) and s.errors == 0, s
+        runs.append({"engine_images_per_s": eng, "job_images_per_s": s.images_per_s, "job_s": s.seconds})
+        print(f"run {r}: engine {eng:.2f} img/s, job {s.images_per_s:.2f} img/s ({s.seconds:.1f} s)", flush=True)
+    ray.shutdown()
+    shutil.rmtree(tmp, ignore_errors=True)
+
+    eng_med = statistics.median(x["engine_images_per_s"] for x in runs)
+    job_med = statistics.median(x["job_images_per_s"] for x in runs)
+    result = {
+        "command": "python benchmarks/cpu_job.py " + " ".join(sys.argv[1:]),
+        "model": Path(args.model).name,
+        "images": len(files),
+        "batch_size": args.batch_size,
+        "cpus": os.cpu_count(),
+        "machine": platform.processor() or platform.machine(),
+        "engine_threads": engine.threads,
+        "runs": runs,
+        "engine_images_per_s_median": eng_med,
+        "job_images_per_s_median": job_med,
+        "job_over_engine": job_med / eng_med,
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out + ".json").write_text(json.dumps(result, indent=2) + "\n")
+    table = (
+        f"| measure ({len(files)} images, batch {args.batch_size}, {os.cpu_count()} CPUs, median of "
+        f"{args.repeats}) | images/s |\n|---|---|\n"
+        f"| engine only (ONNX Runtime, {engine.threads} threads) | {eng_med:.2f} |\n"
+        f"| whole job (read → decode → letterbox → infer → NMS → Parquet) | {job_med:.2f} |\n"
+        f"| job / engine | {100 * job_med / eng_med:.1f} % |\n"
+    )
+    Path(args.out + ".md").write_text(f"# CPU job vs engine\n\n`{result['command']}`\n\n{table}")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
