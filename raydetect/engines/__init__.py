@@ -37,7 +37,7 @@ def _why_unavailable(name: str, config: DetectorConfig) -> str | None:
         return str(e)
     if config.device == "cpu" and cls.input_kind != "numpy":
         return "device 'cpu' was asked for"
-    return cls.availability()
+    return cls.availability_for(config)
 
 
 def resolve_engine_name(config: DetectorConfig) -> str:
@@ -56,7 +56,7 @@ def resolve_engine_name(config: DetectorConfig) -> str:
 def create_engine(card: ModelCard, config: DetectorConfig) -> Engine:
     name = resolve_engine_name(config)
     cls = engine_class(name)
-    why = cls.availability()
+    why = cls.availability_for(config)
     if why is not None:
         raise EngineUnavailableError(f"engine {name!r} cannot run here: {why}")
     return cls(card, config)

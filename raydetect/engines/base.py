@@ -75,6 +75,12 @@ class Engine(ABC):
         """None if the engine can run here, else the reason it cannot."""
         return None
 
+    @classmethod
+    def availability_for(cls, config: DetectorConfig) -> str | None:
+        """Like :meth:`availability`, for this config (e.g. a GPU engine asked to run on
+        ``device='cpu'`` for tests needs no GPU)."""
+        return cls.availability()
+
     @abstractmethod
     def infer(self, batch: Any) -> Any:
         """Raw head output for a batch ``[B, 3, H, W]``."""
