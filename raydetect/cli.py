@@ -16,6 +16,8 @@ from raydetect.config import ConfigError, DetectorConfig, StorageConfig, validat
 #: (heavy imports such as ray stay inside the command functions).
 SUBCOMMANDS: list[tuple[str, str]] = [
     ("detect", "raydetect.job"),
+    ("eval", "raydetect.evaluate"),
+    ("quantize", "raydetect.quantize"),
 ]
 
 

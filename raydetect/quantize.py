@@ -1,0 +1,751 @@
+"""INT8 post-training static quantization of a YOLO ONNX export, with an mAP gate.
+
+``quantize`` turns the dynamic-batch graph of a :class:`~raydetect.model_card.ModelCard` into one
+QDQ ONNX model (INT8 weights per channel, INT8 activations per tensor): ONNX Runtime runs it on
+the CPU and TensorRT can build its INT8 engine from it. Steps:
+
+1. pick calibration images deterministically (``seed``) and run them through the production
+   decode + letterbox (:mod:`raydetect.preprocess`); unreadable ones are counted and skipped;
+2. collect per-tensor ranges with ONNX Runtime's calibrators (``entropy``, ``percentile`` or
+   ``minmax``) in small chunks (bounded memory) and save them as a JSON calibration table,
+   byte-identical for the same inputs and seed;
+3. quantize with ``onnxruntime.quantization.quantize_static`` from exactly that table, keeping
+   the detection head's float tail (:func:`float_tail_nodes`) and ``--exclude`` nodes in float;
+4. optionally evaluate FP32 vs INT8 on a held-out labelled set and fail when mAP@0.5 drops by
+   more than ``max_map_drop`` points (``try_methods`` tries each calibration method in turn and
+   keeps the best one that passes).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import posixpath
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import onnx
+from pydantic import BaseModel, ConfigDict, Field
+
+from raydetect.config import DEFAULT_IMAGE_EXTENSIONS, ConfigError, StorageConfig, validate
+from raydetect.model_card import ModelCard
+from raydetect.preprocess import ImageError, decode_image, letterbox, to_tensor
+from raydetect.storage import filesystem, full_url, is_remote_fs, list_files
+
+log = logging.getLogger(__name__)
+
+Method = Literal["entropy", "percentile", "minmax"]
+METHODS: tuple[str, ...] = ("entropy", "percentile", "minmax")
+TABLE_FORMAT = "raydetect-calibration-table/1"
+#: Name of the default exclusion rule (see :func:`float_tail_nodes`).
+FLOAT_TAIL_RULE = (
+    "float-tail: walking back from the graph output, every node up to and including the first "
+    "Conv on each path (the last Conv of each head branch) stays float; a Conv fed by a Softmax "
+    "(the DFL integral) is walked through, so the DFL Softmax/Conv and the box/class decode "
+    "arithmetic stay float too"
+)
+
+
+class CalibrationError(ValueError):
+    """The calibration input cannot produce a trustworthy table; the message says why."""
+
+
+class QuantizeConfig(BaseModel):
+    """Options of :func:`quantize` (validated at the edge; errors name the field)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str = Field(min_length=1, description="FP32 YOLO ONNX export (path or s3:// URL)")
+    calib: str = Field(min_length=1, description="Folder / prefix of calibration images")
+    out: str = Field(min_length=1, description="Where to write the INT8 QDQ model")
+    images: int = Field(300, ge=1, le=100_000, description="Calibration images to use")
+    method: Method = "entropy"
+    exclude: tuple[str, ...] = Field((), description="Extra node names kept in float")
+    float_tail: bool = Field(True, description="Keep the head's final convs and the decode in float")
+    per_channel: bool = True
+    activations: Literal["int8", "uint8"] = Field(
+        "int8",
+        description="int8: symmetric activations (TensorRT-compatible QDQ, ORT converts them for "
+        "x86 kernels); uint8: asymmetric activations (ORT CPU only)",
+    )
+    reduce_range: bool = Field(False, description="7-bit weights (avoids u8s8 saturation on AVX2)")
+    seed: int = Field(0, ge=0, description="Seed of the calibration image selection")
+    allow_fewer: bool = Field(False, description="Proceed (with a warning) when fewer images are usable")
+    min_images: int = Field(8, ge=1, description="Fewest usable images allow_fewer accepts")
+    calib_batch: int = Field(4, ge=1, le=256, description="Images per calibration run (memory bound)")
+    table: str | None = Field(None, description="Calibration table path (default: <out>.calib.json)")
+    eval_data: str | None = Field(None, description="Held-out labelled set for the mAP gate")
+    eval_split: str | None = "test"
+    eval_limit: int | None = Field(None, ge=1, description="Evaluate N images of eval_data (seeded)")
+    max_map_drop: float = Field(1.0, ge=0.0, le=100.0, description="Max mAP@0.5 drop in points")
+    try_methods: bool = False
+    threads: int | None = Field(None, ge=1, le=512)
+    extensions: tuple[str, ...] = DEFAULT_IMAGE_EXTENSIONS
+    storage: StorageConfig = StorageConfig()
+
+
+# --- calibration images -------------------------------------------------------------------------
+
+
+@dataclass
+class CalibrationSet:
+    root: str
+    files: list[str]  # chosen files (URLs / paths), in feeding order
+    encoded: list[bytes] = field(repr=False)
+    unreadable: list[dict[str, str]]  # {"uri", "error"} of skipped files
+    asked: int
+    available: int  # image files found under root
+
+    def tensors(self, imgsz: tuple[int, int], batch: int, max_pixels: int, max_bytes: int) -> Iterator[np.ndarray]:
+        """Letterboxed NCHW float32 batches, exactly as the detector prepares images."""
+        h, w = imgsz
+        for start in range(0, len(self.encoded), batch):
+            boxed = [
+                letterbox(decode_image(b, max_pixels, max_bytes), h, w)[0]
+                for b in self.encoded[start : start + batch]
+            ]
+            yield to_tensor(boxed)
+
+
+def select_calibration_images(
+    root: str,
+    images: int,
+    *,
+    seed: int = 0,
+    allow_fewer: bool = False,
+    min_images: int = 8,
+    storage: StorageConfig | None = None,
+    extensions: Sequence[str] = DEFAULT_IMAGE_EXTENSIONS,
+    max_pixels: int = 40_000_000,
+    max_bytes: int = 64 * 1024 * 1024,
+) -> CalibrationSet:
+    """Choose ``images`` decodable images under ``root`` in a seeded random order; undecodable
+    files are skipped and counted. Fewer usable images than asked is an error unless
+    ``allow_fewer`` (then at least ``min_images``)."""
+    try:
+        fs, files = list_files(root, extensions, storage)
+    except FileNotFoundError:
+        raise CalibrationError(f"calibration input not found: {root}") from None
+    if not files:
+        raise CalibrationError(f"no images ({', '.join(extensions)}) under {root}")
+    order = np.random.default_rng(seed).permutation(len(files))
+    chosen: list[str] = []
+    encoded: list[bytes] = []
+    bad: list[dict[str, str]] = []
+    for i in order:
+        if len(chosen) == images:
+            break
+        path = files[int(i)]
+        uri = full_url(fs, path)
+        try:
+            with fs.open(path, "rb") as f:
+                data = f.read()
+            decode_image(data, max_pixels, max_bytes)
+        except (ImageError, OSError) as e:
+            bad.append({"uri": uri, "error": str(e)})
+            continue
+        chosen.append(uri)
+        encoded.append(data)
+    if bad:
+        log.warning("%d unreadable calibration images skipped (first: %s: %s)", len(bad), bad[0]["uri"], bad[0]["error"])
+    if len(chosen) < images:
+        found = (
+            f"asked for {images} calibration images but only {len(chosen)} of the {len(files)} image "
+            f"files under {root} are usable ({len(bad)} unreadable"
+            + (f", e.g. {bad[0]['uri']}: {bad[0]['error']}" if bad else "")
+            + ")"
+        )
+        if not allow_fewer:
+            raise CalibrationError(f"{found}; ask for fewer with --images or pass --allow-fewer")
+        if len(chosen) < min_images:
+            raise CalibrationError(f"{found}; at least {min_images} are needed")
+        log.warning("%s; proceeding with %d (--allow-fewer)", found, len(chosen))
+    return CalibrationSet(root, chosen, encoded, bad, images, len(files))
+
+
+# --- the float tail -------------------------------------------------------------------------------
+
+
+def _ensure_node_names(model: onnx.ModelProto) -> None:
+    """Name unnamed nodes (the quantizer excludes nodes by name)."""
+    used = {n.name for n in model.graph.node if n.name}
+    for i, n in enumerate(model.graph.node):
+        if not n.name:
+            name = f"{n.op_type}_{i}"
+            while name in used:
+                name += "_"
+            n.name = name
+            used.add(name)
+
+
+def float_tail_nodes(model: onnx.ModelProto) -> list[str]:
+    """The nodes of the default exclusion rule :data:`FLOAT_TAIL_RULE`, in graph order.
+
+    For a YOLOv8/YOLO11 ``Detect`` head these are the final 1x1 Conv of every cv2/cv3 branch,
+    the Reshape/Concat that gather them, the DFL (Reshape, Transpose, Softmax, Conv), the
+    anchor/stride box decode (Slice, Sub, Add, Div, Mul) and the class Sigmoid; for a YOLOv5
+    head the final Convs and the grid decode."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    tail: set[str] = set()
+    stack = [o.name for o in model.graph.output]
+    seen: set[str] = set()
+    while stack:
+        t = stack.pop()
+        node = producer.get(t)
+        if node is None or node.name in seen:
+            continue
+        seen.add(node.name)
+        tail.add(node.name)
+        if node.op_type == "Conv":
+            src = producer.get(node.input[0])
+            if src is None or src.op_type != "Softmax":
+                continue  # the last conv of a branch: stop here
+        stack.extend(i for i in node.input if i)
+    return [n.name for n in model.graph.node if n.name in tail]
+
+
+# --- the calibration table --------------------------------------------------------------------------
+
+
+@dataclass
+class CalibrationTable:
+    """Per-tensor activation ranges (float32) and how they were made."""
+
+    method: str
+    ranges: dict[str, tuple[float, float]]
+    model_sha256: str
+    seed: int
+    images: list[str]  # calibration images, relative to ``root`` where possible
+    image_sha256: str  # over the encoded bytes of all images, in feeding order
+    root: str
+    imgsz: tuple[int, int]
+    onnxruntime: str
+
+    def to_json(self) -> str:
+        """Deterministic text: sorted keys, float32 values written as the shortest decimal that
+        round-trips (``repr`` of the float32 value as a float64)."""
+        doc = {
+            "format": TABLE_FORMAT,
+            "method": self.method,
+            "model_sha256": self.model_sha256,
+            "seed": self.seed,
+            "root": self.root,
+            "images": list(self.images),
+            "image_sha256": self.image_sha256,
+            "imgsz": list(self.imgsz),
+            "onnxruntime": self.onnxruntime,
+            "ranges": {k: [_f32(lo), _f32(hi)] for k, (lo, hi) in self.ranges.items()},
+        }
+        return json.dumps(doc, sort_keys=True, indent=1, allow_nan=False) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str, where: str = "<table>") -> CalibrationTable:
+        try:
+            doc = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise CalibrationError(f"{where}: not a calibration table ({e})") from None
+        if not isinstance(doc, dict) or doc.get("format") != TABLE_FORMAT:
+            raise CalibrationError(f"{where}: not a {TABLE_FORMAT} file")
+        ranges = {k: (_f32(v[0]), _f32(v[1])) for k, v in doc["ranges"].items()}
+        return cls(
+            method=doc["method"],
+            ranges=ranges,
+            model_sha256=doc["model_sha256"],
+            seed=doc["seed"],
+            images=list(doc["images"]),
+            image_sha256=doc["image_sha256"],
+            root=doc["root"],
+            imgsz=tuple(doc["imgsz"]),
+            onnxruntime=doc["onnxruntime"],
+        )
+
+    def tensors_data(self):
+        """The ranges as ONNX Runtime's ``TensorsData`` (what ``quantize_static`` consumes)."""
+        from onnxruntime.quantization import CalibrationMethod, TensorData, TensorsData
+
+        method = {"entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile,
+                  "minmax": CalibrationMethod.MinMax}[self.method]
+        return TensorsData(
+            method,
+            {
+                k: TensorData(lowest=np.array(lo, dtype=np.float32), highest=np.array(hi, dtype=np.float32))
+                for k, (lo, hi) in self.ranges.items()
+            },
+        )
+
+
+def _f32(v: Any) -> float:
+    return float(np.float32(v))
+
+
+def save_table(table: CalibrationTable, path: str, storage: StorageConfig | None = None) -> None:
+    _write_bytes(path, table.to_json().encode(), storage)
+
+
+def load_table(path: str, storage: StorageConfig | None = None) -> CalibrationTable:
+    fs, p = filesystem(path, storage)
+    if not fs.exists(p):
+        raise FileNotFoundError(f"calibration table not found: {path}")
+    with fs.open(p, "rb") as f:
+        return CalibrationTable.from_json(f.read().decode(), path)
+
+
+def _write_bytes(path: str, data: bytes, storage: StorageConfig | None) -> None:
+    fs, p = filesystem(path, storage)
+    parent = posixpath.dirname(p)
+    if parent and not is_remote_fs(fs):
+        fs.makedirs(parent, exist_ok=True)
+    with fs.open(p, "wb") as f:
+        f.write(data)
+
+
+class _ListReader:
+    """ONNX Runtime calibration data reader over a list of input dicts."""
+
+    def __init__(self, feeds: list[dict[str, np.ndarray]]) -> None:
+        self._it = iter(feeds)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._it, None)
+
+
+def calibrate(
+    card: ModelCard,
+    calib: CalibrationSet,
+    method: str,
+    *,
+    workdir: str,
+    batch: int = 4,
+    seed: int = 0,
+    max_pixels: int = 40_000_000,
+    max_bytes: int = 64 * 1024 * 1024,
+) -> CalibrationTable:
+    """Run the calibration images through ONNX Runtime's calibrator for ``method`` (chunk by
+    chunk, so memory stays bounded) and return the per-tensor ranges."""
+    import onnxruntime as ort
+    from onnxruntime.quantization import CalibrationMethod, create_calibrator
+    from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
+
+    if method not in METHODS:
+        raise ConfigError(f"quantize.method: must be one of {list(METHODS)} (got {method!r})")
+    model_path = os.path.join(workdir, "fp32.onnx")
+    if not os.path.exists(model_path):
+        onnx.save_model(_named_model(card), model_path)
+    cm = {"entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile,
+          "minmax": CalibrationMethod.MinMax}[method]
+    op_types = sorted(set(QLinearOpsRegistry) | set(QDQRegistry))
+    calibrator = create_calibrator(
+        model_path,
+        op_types,
+        augmented_model_path=os.path.join(workdir, f"augmented-{method}.onnx"),
+        calibrate_method=cm,
+        providers=["CPUExecutionProvider"],
+        extra_options={},
+    )
+    n = 0
+    t0 = time.perf_counter()
+    for x in calib.tensors(card.imgsz, batch, max_pixels, max_bytes):
+        calibrator.collect_data(_ListReader([{card.input_name: x}]))
+        n += len(x)
+        log.debug("calibrated %d/%d images", n, len(calib.files))
+    tensors = calibrator.compute_data()
+    log.info("calibration (%s) on %d images took %.1f s", method, n, time.perf_counter() - t0)
+    ranges = {k: (_f32(v.range_value[0]), _f32(v.range_value[1])) for k, v in tensors.items()}
+    digest = hashlib.sha256()
+    for b in calib.encoded:
+        digest.update(hashlib.sha256(b).digest())
+    return CalibrationTable(
+        method=method,
+        ranges=dict(sorted(ranges.items())),
+        model_sha256=card.sha256,
+        seed=seed,
+        images=[_relative(u, calib.root) for u in calib.files],
+        image_sha256=digest.hexdigest(),
+        root=calib.root,
+        imgsz=tuple(card.imgsz),
+        onnxruntime=ort.__version__,
+    )
+
+
+def _relative(uri: str, root: str) -> str:
+    r = root.rstrip("/")
+    if uri.startswith(r + "/"):
+        return uri[len(r) + 1 :]
+    ra = os.path.abspath(root) if "://" not in root else r
+    if uri.startswith(ra.rstrip("/") + "/"):
+        return uri[len(ra.rstrip("/")) + 1 :]
+    return uri
+
+
+def _named_model(card: ModelCard) -> onnx.ModelProto:
+    model = onnx.load_model_from_string(card.onnx_bytes)
+    _ensure_node_names(model)
+    return model
+
+
+# --- quantization -------------------------------------------------------------------------------------
+
+
+def quantize_from_table(
+    card: ModelCard,
+    table: CalibrationTable,
+    out_path: str,
+    *,
+    exclude: Sequence[str],
+    per_channel: bool = True,
+    activations: str = "int8",
+    reduce_range: bool = False,
+    workdir: str,
+    metadata: dict[str, str] | None = None,
+) -> None:
+    """Write the QDQ model for ``card`` quantized with the ranges of ``table`` to the local
+    file ``out_path``; ``exclude`` nodes stay float."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static, save_tensors_data
+
+    if table.model_sha256 != card.sha256:
+        raise CalibrationError(
+            f"calibration table was made for model {table.model_sha256[:12]}…, not {card.sha256[:12]}…"
+        )
+    model_path = os.path.join(workdir, "fp32.onnx")
+    if not os.path.exists(model_path):
+        onnx.save_model(_named_model(card), model_path)
+    cache = os.path.join(workdir, f"ort-cache-{table.method}.json")
+    if os.path.exists(cache):
+        os.remove(cache)
+    save_tensors_data(table.tensors_data(), cache)
+    act = QuantType.QInt8 if activations == "int8" else QuantType.QUInt8
+    quantize_static(
+        model_path,
+        out_path,
+        calibration_data_reader=None,
+        calibration_cache_path=cache,
+        quant_format=QuantFormat.QDQ,
+        per_channel=per_channel,
+        reduce_range=reduce_range,
+        activation_type=act,
+        weight_type=QuantType.QInt8,
+        nodes_to_exclude=list(exclude),
+        calibrate_method=table.tensors_data().calibration_method,
+        extra_options={"ActivationSymmetric": activations == "int8", "WeightSymmetric": True},
+    )
+    if metadata:
+        m = onnx.load_model(out_path)
+        props = {p.key: p.value for p in m.metadata_props}
+        props.update(metadata)
+        del m.metadata_props[:]
+        for k, v in props.items():
+            m.metadata_props.add(key=k, value=v)
+        onnx.save_model(m, out_path)
+
+
+@dataclass
+class Attempt:
+    method: str
+    table: str | None
+    int8_map50: float | None = None
+    int8_map50_95: float | None = None
+    drop_points: float | None = None
+    passed: bool | None = None  # None: no gate
+    seconds: float = 0.0
+
+
+@dataclass
+class QuantizeReport:
+    model: str
+    model_sha256: str
+    out: str | None  # None when nothing passed the gate
+    method: str | None
+    table: str | None
+    exclusions: list[str]
+    exclusion_rule: str | None
+    user_exclusions: list[str]
+    per_channel: bool
+    activations: str
+    reduce_range: bool
+    quant_format: str
+    calibration: dict[str, Any]
+    attempts: list[Attempt]
+    fp32: dict[str, Any] | None
+    int8: dict[str, Any] | None
+    max_map_drop: float | None
+    drop_points: float | None
+    passed: bool | None
+    fp32_bytes: int
+    int8_bytes: int | None
+    seconds: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _eval_summary(report) -> dict[str, Any]:
+    return {
+        "map50": report.map50,
+        "map50_95": report.map50_95,
+        "images": report.images_evaluated,
+        "engine": report.engine,
+        "precision": report.precision,
+        "per_class": [asdict(c) for c in report.per_class],
+        "data": report.data,
+        "split": report.split,
+    }
+
+
+def quantize(cfg: QuantizeConfig | dict[str, Any]) -> QuantizeReport:
+    """Calibrate, quantize and (with ``eval_data``) gate; see the module docstring."""
+    if not isinstance(cfg, QuantizeConfig):
+        cfg = validate(QuantizeConfig, cfg, "quantize")
+    t_start = time.perf_counter()
+    storage = cfg.storage
+    card = ModelCard.load(cfg.model, storage)  # not a YOLO export → UnsupportedModelError
+    from raydetect.engines.onnxruntime import is_quantized
+
+    if is_quantized(card.onnx_bytes):
+        raise ConfigError(f"quantize.model: {cfg.model} is already quantized (it has QDQ / integer ops)")
+    if cfg.try_methods and not cfg.eval_data:
+        raise ConfigError("quantize.try_methods: needs eval_data to compare the methods")
+    named = _named_model(card)
+    all_nodes = {n.name for n in named.graph.node}
+    unknown = [n for n in cfg.exclude if n not in all_nodes]
+    if unknown:
+        raise ConfigError(f"quantize.exclude: no node named {unknown} in {cfg.model}")
+    tail = float_tail_nodes(named) if cfg.float_tail else []
+    exclusions = list(dict.fromkeys([*tail, *cfg.exclude]))
+    log.info("kept in float (%d nodes): %s", len(exclusions), ", ".join(exclusions))
+
+    calib = select_calibration_images(
+        cfg.calib, cfg.images, seed=cfg.seed, allow_fewer=cfg.allow_fewer, min_images=cfg.min_images,
+        storage=storage, extensions=cfg.extensions,
+    )
+    log.info("calibrating on %d images from %s (seed %d)", len(calib.files), cfg.calib, cfg.seed)
+
+    dataset = None
+    fp32 = None
+    if cfg.eval_data:
+        from raydetect.evaluate import evaluate_model, load_dataset
+
+        dataset = load_dataset(cfg.eval_data, cfg.eval_split, storage)
+        fp32 = evaluate_model(cfg.model, dataset, engine="onnxruntime", limit=cfg.eval_limit,
+                              seed=cfg.seed, threads=cfg.threads, storage=storage)
+        log.info("FP32: %s", fp32.line())
+
+    methods = [cfg.method] + [m for m in METHODS if m != cfg.method] if cfg.try_methods else [cfg.method]
+    table_path = cfg.table or _sibling(cfg.out, ".calib.json")
+    attempts: list[Attempt] = []
+    best: tuple[Attempt, str, Any, CalibrationTable] | None = None
+    with tempfile.TemporaryDirectory(prefix="raydetect-quant-") as work:
+        onnx.save_model(named, os.path.join(work, "fp32.onnx"))
+        for method in methods:
+            t0 = time.perf_counter()
+            table = calibrate(card, calib, method, workdir=work, batch=cfg.calib_batch, seed=cfg.seed)
+            # quantize from the table as saved, so the artefact is reproducible from the JSON
+            table = CalibrationTable.from_json(table.to_json())
+            out_local = os.path.join(work, f"int8-{method}.onnx")
+            quantize_from_table(
+                card, table, out_local, exclude=exclusions, per_channel=cfg.per_channel,
+                activations=cfg.activations, reduce_range=cfg.reduce_range, workdir=work,
+                metadata=_provenance(cfg, method, exclusions, table),
+            )
+            att = Attempt(method=method, table=None)
+            int8 = None
+            if dataset is not None:
+                from raydetect.evaluate import evaluate_model
+
+                int8 = evaluate_model(out_local, dataset, engine="onnxruntime", limit=cfg.eval_limit,
+                                      seed=cfg.seed, threads=cfg.threads, storage=storage)
+                att.int8_map50, att.int8_map50_95 = int8.map50, int8.map50_95
+                att.drop_points = round((fp32.map50 - int8.map50) * 100, 4)
+                att.passed = att.drop_points <= cfg.max_map_drop
+                log.info("INT8 (%s): %s; mAP@0.5 drop %.2f points: %s", method, int8.line(),
+                         att.drop_points, "pass" if att.passed else "FAIL")
+            att.seconds = time.perf_counter() - t0
+            attempts.append(att)
+            if best is None or _rank(att) > _rank(best[0]):
+                best = (att, out_local, int8, table)
+            if att.passed is not False and not cfg.try_methods:
+                break
+        att, out_local, int8, table = best
+        ok = att.passed is not False
+        out = None
+        int8_bytes = os.path.getsize(out_local)
+        if ok:
+            with open(out_local, "rb") as f:
+                _write_bytes(cfg.out, f.read(), storage)
+            save_table(table, table_path, storage)
+            att.table = table_path
+            out = cfg.out
+    return QuantizeReport(
+        model=cfg.model,
+        model_sha256=card.sha256,
+        out=out,
+        method=att.method,
+        table=table_path if ok else None,
+        exclusions=exclusions,
+        exclusion_rule=FLOAT_TAIL_RULE if cfg.float_tail else None,
+        user_exclusions=list(cfg.exclude),
+        per_channel=cfg.per_channel,
+        activations=cfg.activations,
+        reduce_range=cfg.reduce_range,
+        quant_format="QDQ",
+        calibration={
+            "root": cfg.calib,
+            "asked": cfg.images,
+            "used": len(calib.files),
+            "available": calib.available,
+            "unreadable": calib.unreadable,
+            "seed": cfg.seed,
+        },
+        attempts=attempts,
+        fp32=_eval_summary(fp32) if fp32 else None,
+        int8=_eval_summary(int8) if int8 else None,
+        max_map_drop=cfg.max_map_drop if dataset is not None else None,
+        drop_points=att.drop_points,
+        passed=att.passed,
+        fp32_bytes=len(read_model_bytes(cfg.model, storage)),
+        int8_bytes=int8_bytes,
+        seconds=time.perf_counter() - t_start,
+    )
+
+
+def _rank(a: Attempt) -> tuple[bool, float]:
+    """Passing attempts first, then the higher INT8 mAP@0.5 (ties: the earlier attempt)."""
+    return (a.passed is not False, a.int8_map50 or 0.0)
+
+
+def read_model_bytes(url: str, storage: StorageConfig | None) -> bytes:
+    from raydetect.storage import read_bytes
+
+    return read_bytes(url, storage)
+
+
+def _sibling(path: str, suffix: str) -> str:
+    base = path[: -len(".onnx")] if path.endswith(".onnx") else path
+    return base + suffix
+
+
+def _provenance(cfg: QuantizeConfig, method: str, exclusions: list[str], table: CalibrationTable) -> dict[str, str]:
+    return {
+        "raydetect_quantization": json.dumps(
+            {
+                "method": method,
+                "format": "QDQ",
+                "per_channel": cfg.per_channel,
+                "activations": cfg.activations,
+                "reduce_range": cfg.reduce_range,
+                "exclusions": exclusions,
+                "calibration_images": len(table.images),
+                "calibration_seed": cfg.seed,
+                "calibration_sha256": hashlib.sha256(table.to_json().encode()).hexdigest(),
+                "fp32_sha256": table.model_sha256,
+            },
+            sort_keys=True,
+        )
+    }
+
+
+# --- CLI ------------------------------------------------------------------------------------------------
+
+
+def add_cli(sub) -> None:
+    from raydetect.cli import add_storage_args
+
+    p = sub.add_parser(
+        "quantize",
+        help="INT8 post-training quantization (QDQ ONNX) with calibration and an mAP gate",
+        description="Calibrate on representative images (production letterbox), write an INT8 QDQ "
+        "ONNX model and its calibration table; with --eval-data, fail when mAP@0.5 drops too much.",
+    )
+    p.add_argument("--model", required=True, help="FP32 YOLO ONNX export (path or s3:// URL)")
+    p.add_argument("--calib", required=True, help="folder or s3:// prefix of calibration images")
+    p.add_argument("--out", required=True, help="INT8 model to write (e.g. model_int8.onnx)")
+    p.add_argument("--images", type=int, default=300, help="calibration images (default 300)")
+    p.add_argument("--method", default="entropy", help="entropy | percentile | minmax (default entropy)")
+    p.add_argument("--exclude", nargs="+", default=[], metavar="NODE", help="more node names to keep in float")
+    p.add_argument("--no-float-tail", action="store_true",
+                   help="quantize the head's final convs and the DFL/decode too (not recommended)")
+    p.add_argument("--activations", default="int8",
+                   help="int8 (symmetric, TensorRT-compatible; default) | uint8 (asymmetric, ORT CPU)")
+    p.add_argument("--per-tensor-weights", action="store_true", help="per-tensor instead of per-channel weights")
+    p.add_argument("--reduce-range", action="store_true", help="7-bit weights")
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration image choice (default 0)")
+    p.add_argument("--allow-fewer", action="store_true",
+                   help="proceed with a warning when fewer usable images than --images are found")
+    p.add_argument("--calib-batch", type=int, default=4, help="images per calibration run (default 4)")
+    p.add_argument("--table", default=None, help="calibration table path (default <out>.calib.json)")
+    p.add_argument("--eval-data", default=None, help="held-out labelled set (YOLO dir/yaml or COCO json)")
+    p.add_argument("--eval-split", default="test", help="split of --eval-data (default test)")
+    p.add_argument("--eval-limit", type=int, default=None, help="evaluate N images of --eval-data (seeded)")
+    p.add_argument("--max-map-drop", type=float, default=1.0, help="max mAP@0.5 drop in points (default 1.0)")
+    p.add_argument("--try-methods", action="store_true", help="try every method, keep the best passing one")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for evaluation")
+    p.add_argument("--report", default=None, help="write the JSON report here")
+    add_storage_args(p)
+    p.set_defaults(func=_cli)
+
+
+def _cli(args) -> int:
+    from raydetect.cli import storage_config
+
+    cfg = validate(
+        QuantizeConfig,
+        {
+            "model": args.model,
+            "calib": args.calib,
+            "out": args.out,
+            "images": args.images,
+            "method": args.method,
+            "exclude": tuple(args.exclude),
+            "float_tail": not args.no_float_tail,
+            "per_channel": not args.per_tensor_weights,
+            "activations": args.activations,
+            "reduce_range": args.reduce_range,
+            "seed": args.seed,
+            "allow_fewer": args.allow_fewer,
+            "calib_batch": args.calib_batch,
+            "table": args.table,
+            "eval_data": args.eval_data,
+            "eval_split": args.eval_split,
+            "eval_limit": args.eval_limit,
+            "max_map_drop": args.max_map_drop,
+            "try_methods": args.try_methods,
+            "threads": args.threads,
+            "storage": storage_config(args),
+        },
+        "quantize",
+    )
+    from raydetect.evaluate import DatasetError
+
+    try:
+        report = quantize(cfg)
+    except (CalibrationError, DatasetError) as e:
+        print(f"raydetect quantize: error: {e}", file=sys.stderr)
+        return 2
+    print(f"kept in float ({len(report.exclusions)} nodes, rule: "
+          f"{'float-tail' if report.exclusion_rule else 'none'}): {', '.join(report.exclusions)}")
+    print(f"calibration: {report.calibration['used']} images from {cfg.calib} (seed {cfg.seed}), "
+          f"{len(report.calibration['unreadable'])} unreadable skipped")
+    for a in report.attempts:
+        if a.passed is None:
+            print(f"method {a.method}: quantized (no --eval-data, no gate)")
+        else:
+            print(f"method {a.method}: INT8 mAP@0.5 {a.int8_map50:.4f} (FP32 {report.fp32['map50']:.4f}), "
+                  f"drop {a.drop_points:.2f} points -> {'pass' if a.passed else 'FAIL'}")
+    if args.report:
+        from raydetect.evaluate import write_report
+
+        write_report(report.as_dict(), args.report, cfg.storage)
+        print(f"report: {args.report}")
+    if report.passed is False:
+        print(f"raydetect quantize: mAP@0.5 dropped {report.drop_points:.2f} points > --max-map-drop "
+              f"{cfg.max_map_drop}; no model written", file=sys.stderr)
+        return 1
+    print(f"INT8 model: {report.out} ({report.int8_bytes / 1e6:.2f} MB, FP32 {report.fp32_bytes / 1e6:.2f} MB, "
+          f"method {report.method}); calibration table: {report.table}")
+    return 0
