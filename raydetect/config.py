@@ -77,6 +77,43 @@ class DetectorConfig(_Strict):
         raise ValueError(f"must be 'cpu', 'cuda' or 'cuda:N' (got {v!r})")
 
 
+DEFAULT_VIDEO_EXTENSIONS = (".mp4", ".mkv", ".avi", ".mov", ".m4v", ".webm")
+
+
+def _normalise_extensions(v: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in v)
+
+
+class VideoConfig(_Strict):
+    """Video inputs of the batch job (see :mod:`raydetect.video`): segmenting, sampling and
+    motion gating."""
+
+    segment_s: float = Field(60.0, gt=0.0, le=86_400.0, description="Seconds of video per Ray Data row")
+    fps: float | None = Field(None, gt=0.0, le=1000.0, description="Sample at most F frames per second")
+    every: int | None = Field(None, ge=1, description="Keep every N-th frame (index from PTS)")
+    gate: bool = Field(False, description="Skip frames that barely differ from the last processed one")
+    gate_threshold: float = Field(
+        1.0, ge=0.0, le=255.0, description="Mean absolute grey difference (0-255) below which a frame is skipped"
+    )
+    gate_refresh: int = Field(25, ge=1, le=1_000_000, description="Process at least every K-th sampled frame")
+    gate_width: int = Field(64, ge=8, le=1024, description="Width of the grey thumbnail the gate compares")
+    decoder: Literal["auto", "cpu", "nvdec"] = Field(
+        "auto", description="'cpu' (PyAV), 'nvdec' (torchcodec CUDA) or 'auto' (NVDEC when usable)"
+    )
+    extensions: tuple[str, ...] = DEFAULT_VIDEO_EXTENSIONS
+
+    @field_validator("extensions")
+    @classmethod
+    def _lower_ext(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        return _normalise_extensions(v)
+
+    @model_validator(mode="after")
+    def _one_sampling(self) -> VideoConfig:
+        if self.fps is not None and self.every is not None:
+            raise ValueError(f"set fps ({self.fps}) or every ({self.every}), not both")
+        return self
+
+
 class JobConfig(_Strict):
     """The batch job: read images from ``input``, write Parquet to ``output``."""
 
@@ -90,6 +127,7 @@ class JobConfig(_Strict):
     limit: int | None = Field(None, ge=1)
     extensions: tuple[str, ...] = DEFAULT_IMAGE_EXTENSIONS
     progress: bool = True
+    video: VideoConfig = VideoConfig()
 
     @field_validator("extensions")
     @classmethod

@@ -10,6 +10,7 @@ import argparse
 import logging
 import time
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
@@ -27,17 +28,19 @@ class JobSummary:
     detections: int
     errors: int
     output: str
+    video: Any = None  # raydetect.video.pipeline.VideoJobSummary when the input held videos
 
     @property
     def images_per_s(self) -> float:
         return self.images / self.seconds if self.seconds > 0 else 0.0
 
     def line(self) -> str:
-        return (
+        text = (
             f"raydetect: {self.images} images in {self.seconds:.1f} s "
             f"({self.images_per_s:.1f} images/s), {self.detections} detections, "
             f"{self.errors} errors -> {self.output}"
         )
+        return text if self.video is None else f"{text}\n{self.video.line()}"
 
     def as_dict(self) -> dict:
         return {**asdict(self), "images_per_s": self.images_per_s}
@@ -52,15 +55,18 @@ def build_dataset(cfg: JobConfig, files: list[str], fs):
 
     max_size = cfg.concurrency
     min_size = min(cfg.min_actors, max_size)
+    threads = {}
+    if cfg.actor_concurrency > 1:  # calls run in threads: one decodes while another infers
+        threads = {"max_concurrent_calls_per_actor": cfg.actor_concurrency, "enable_true_multi_threading": True}
     return ds.map_batches(
         Detector,
         fn_constructor_kwargs={
             "config": cfg.detector,
             "uri_prefix": "s3://" if is_remote_fs(fs) else "",
         },
-        batch_size=cfg.detector.batch_size,
+        batch_size=cfg.rows_per_call or cfg.detector.batch_size,
         batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(min_size=min_size, max_size=max_size),
+        compute=ray.data.ActorPoolStrategy(min_size=min_size, max_size=max_size, **threads),
         num_cpus=cfg.num_cpus,
         num_gpus=cfg.num_gpus,
     )
@@ -93,21 +99,32 @@ def run_job(cfg: JobConfig, *, overwrite: bool = False) -> JobSummary:
     """Run the batch job (connects to / starts Ray as ``ray.init()`` does)."""
     import ray
 
-    in_fs, files = list_files(cfg.input, cfg.extensions, cfg.detector.storage)
+    from raydetect.video.pipeline import run_video_job, split_videos
+
+    in_fs, files = list_files(cfg.input, cfg.extensions + cfg.video.extensions, cfg.detector.storage)
     if cfg.limit is not None:
         files = files[: cfg.limit]
-    if not files:
-        raise FileNotFoundError(f"no images ({', '.join(cfg.extensions)}) under {cfg.input}")
+    files, videos = split_videos(files, cfg.video)
+    if not files and not videos:
+        raise FileNotFoundError(
+            f"no images ({', '.join(cfg.extensions)}) or videos ({', '.join(cfg.video.extensions)}) "
+            f"under {cfg.input}"
+        )
     out_fs, out_path = _prepare_output(cfg, overwrite)
     if not ray.is_initialized():
         ray.init(logging_level=logging.WARNING)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = cfg.progress
-    t0 = time.perf_counter()
-    ds = build_dataset(cfg, files, in_fs)
-    ds.write_parquet(out_path, filesystem=out_fs)
-    seconds = time.perf_counter() - t0
-    return summarize(out_fs, out_path, len(files), seconds, cfg.output)
+    summary = JobSummary(images=0, seconds=0.0, detections=0, errors=0, output=cfg.output)
+    if files:
+        t0 = time.perf_counter()
+        ds = build_dataset(cfg, files, in_fs)
+        ds.write_parquet(out_path, filesystem=out_fs)
+        seconds = time.perf_counter() - t0
+        summary = summarize(out_fs, out_path, len(files), seconds, cfg.output)
+    if videos:  # after the images: summarize() reads the top level of the output only then
+        summary.video = run_video_job(cfg, in_fs, videos)
+    return summary
 
 
 # --- CLI ------------------------------------------------------------------------------------
@@ -127,10 +144,14 @@ def add_job_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     add_detector_args(p)
     add_storage_args(p)
+    from raydetect.video.cli_args import add_video_args
+
+    add_video_args(p)
 
 
 def job_config(args: argparse.Namespace) -> JobConfig:
     from raydetect.cli import detector_config
+    from raydetect.video.cli_args import video_options
 
     return validate(
         JobConfig,
@@ -144,6 +165,7 @@ def job_config(args: argparse.Namespace) -> JobConfig:
             "num_cpus": args.num_cpus,
             "limit": args.limit,
             "progress": not args.no_progress,
+            "video": video_options(args),
         },
         "job",
     )

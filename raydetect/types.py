@@ -123,3 +123,142 @@ def table_to_results(table: pa.Table) -> list[ImageResult]:
             )
         )
     return out
+
+
+# --- video -----------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class FrameResult:
+    """One row of the video output: a decoded frame (processed or skipped by the motion gate)
+    or an error of the video/segment (``frame`` is None then).
+
+    ``result`` is the same :class:`ImageResult` the detector returns for an image; a skipped
+    frame has ``skipped=True``, no detections (written as null: not run, rather than "nothing
+    found") and ``ref_frame`` = the processed frame whose detections stand in for it."""
+
+    result: ImageResult
+    segment: int
+    frame: int | None = None
+    pts: int | None = None
+    pts_s: float | None = None
+    skipped: bool = False
+    ref_frame: int | None = None
+    motion: float | None = None
+
+    @property
+    def uri(self) -> str:
+        return self.result.uri
+
+    @property
+    def error(self) -> str | None:
+        return self.result.error
+
+    @property
+    def detections(self) -> list[Detection]:
+        return self.result.detections
+
+
+#: Schema of the video frames output (``OUTPUT/videos/``): one row per sampled frame, processed
+#: or skipped by the motion gate, plus error rows (``frame`` null) for damaged data.
+VIDEO_RESULT_SCHEMA = pa.schema(
+    [
+        ("uri", pa.string()),
+        ("segment", pa.int32()),
+        ("frame", pa.int64()),
+        ("pts", pa.int64()),
+        ("pts_s", pa.float64()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("skipped", pa.bool_()),
+        ("ref_frame", pa.int64()),
+        ("motion", pa.float32()),
+        ("detections", pa.list_(DETECTION_STRUCT)),
+        ("error", pa.string()),
+        ("model_sha256", pa.string()),
+        ("engine", pa.string()),
+        ("precision", pa.string()),
+    ]
+)
+
+#: Schema of the per-video summary (``OUTPUT/video_summary/``): one row per input video.
+VIDEO_SUMMARY_SCHEMA = pa.schema(
+    [
+        ("uri", pa.string()),
+        ("codec", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("fps", pa.float64()),
+        ("duration_s", pa.float64()),
+        ("segments", pa.int32()),
+        ("frames_decoded", pa.int64()),
+        ("frames_sampled", pa.int64()),
+        ("frames_processed", pa.int64()),
+        ("frames_skipped", pa.int64()),
+        ("detections", pa.int64()),
+        ("errors", pa.int64()),
+        ("decode_s", pa.float64()),
+        ("infer_s", pa.float64()),
+        ("decode_fps", pa.float64()),
+        ("decoder", pa.string()),
+        ("error", pa.string()),
+        ("model_sha256", pa.string()),
+        ("engine", pa.string()),
+        ("precision", pa.string()),
+    ]
+)
+
+
+def frame_results_to_table(
+    rows: list[FrameResult], *, model_sha256: str, engine: str, precision: str
+) -> pa.Table:
+    """Build the Arrow table for ``rows`` with :data:`VIDEO_RESULT_SCHEMA`."""
+    n = len(rows)
+    return pa.Table.from_pydict(
+        {
+            "uri": [r.result.uri for r in rows],
+            "segment": [r.segment for r in rows],
+            "frame": [r.frame for r in rows],
+            "pts": [r.pts for r in rows],
+            "pts_s": [r.pts_s for r in rows],
+            "width": [r.result.width for r in rows],
+            "height": [r.result.height for r in rows],
+            "skipped": [r.skipped for r in rows],
+            "ref_frame": [r.ref_frame for r in rows],
+            "motion": [r.motion for r in rows],
+            "detections": [
+                None if (r.skipped or r.frame is None) else [d.to_dict() for d in r.result.detections]
+                for r in rows
+            ],
+            "error": [r.result.error for r in rows],
+            "model_sha256": [model_sha256] * n,
+            "engine": [engine] * n,
+            "precision": [precision] * n,
+        },
+        schema=VIDEO_RESULT_SCHEMA,
+    )
+
+
+def table_to_frame_results(table: pa.Table) -> list[FrameResult]:
+    """Inverse of :func:`frame_results_to_table`."""
+    out = []
+    cols = ["uri", "segment", "frame", "pts", "pts_s", "width", "height", "skipped", "ref_frame",
+            "motion", "detections", "error"]
+    for row in table.select(cols).to_pylist():
+        dets = [Detection(**d) for d in (row["detections"] or [])]
+        res = ImageResult(
+            uri=row["uri"], width=row["width"], height=row["height"], detections=dets, error=row["error"]
+        )
+        out.append(
+            FrameResult(
+                result=res,
+                segment=row["segment"],
+                frame=row["frame"],
+                pts=row["pts"],
+                pts_s=row["pts_s"],
+                skipped=bool(row["skipped"]),
+                ref_frame=row["ref_frame"],
+                motion=row["motion"],
+            )
+        )
+    return out

@@ -1,0 +1,160 @@
+"""GPU decode (NVDEC) through torchcodec's CUDA decoder, behind an availability check.
+
+Used when ``video.decoder`` is ``nvdec`` or ``auto`` and :func:`nvdec_availability` says yes
+(torch with CUDA, torchcodec importable, and a real tiny H.264 decode on the GPU works);
+otherwise the CPU decoder (PyAV) is used and the reason is reported.
+
+Frames are produced with the same integer-PTS rules as the CPU path: torchcodec gives PTS in
+seconds (double), converted back to ticks of the stream ``time_base`` probed with PyAV, and
+frames are assigned to the segment by that integer PTS. Decoding goes in chunks of
+``chunk_s`` seconds so that a long segment never sits decoded in GPU memory at once.
+The detector takes host arrays, so processed frames are copied to the host once (BGR);
+the motion gate's thumbnail is computed on the GPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import math
+import time
+from collections.abc import Iterator
+from fractions import Fraction
+
+import numpy as np
+
+from raydetect.video.decode import DecodeStats
+from raydetect.video.segments import Segment
+
+
+@functools.lru_cache(maxsize=1)
+def nvdec_availability() -> tuple[bool, str]:
+    """``(usable, reason)``; the reason names the missing piece when not usable."""
+    try:
+        import torch
+    except ImportError:
+        return False, "torch is not installed"
+    if not torch.cuda.is_available():
+        return False, "no CUDA device visible to torch"
+    try:
+        import torchcodec
+        from torchcodec.decoders import VideoDecoder
+    except Exception as e:  # ImportError, or a torchcodec/FFmpeg/torch mismatch at load time
+        return False, f"torchcodec not usable: {type(e).__name__}: {e}"
+    try:
+        data = _tiny_h264()
+        dec = VideoDecoder(data, device="cuda", seek_mode="approximate")
+        frame = dec.get_frame_at(0)
+        if not frame.data.is_cuda:
+            return False, "torchcodec returned a CPU frame for device='cuda'"
+    except Exception as e:
+        return False, f"torchcodec CUDA decode failed: {type(e).__name__}: {e}"
+    return True, f"torchcodec {getattr(torchcodec, '__version__', '?')} on {torch.cuda.get_device_name()}"
+
+
+def _tiny_h264() -> bytes:
+    import av
+
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="mp4") as c:
+        s = c.add_stream("libx264" if "libx264" in av.codecs_available else "h264", rate=10)
+        s.width, s.height, s.pix_fmt = 128, 128, "yuv420p"
+        for i in range(4):
+            img = np.full((128, 128, 3), 40 * i, np.uint8)
+            for p in s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    return buf.getvalue()
+
+
+class TensorFrame:
+    """One decoded frame on the GPU (HWC, RGB, uint8)."""
+
+    __slots__ = ("data", "pts", "width", "height")
+
+    def __init__(self, data, pts: int) -> None:
+        self.data = data
+        self.pts = pts
+        self.height, self.width = int(data.shape[0]), int(data.shape[1])
+
+    def bgr(self) -> np.ndarray:
+        return self.data.flip(-1).contiguous().cpu().numpy()
+
+    def grey(self) -> np.ndarray:
+        x = self.data.float()
+        y = x[..., 0] * 0.299 + x[..., 1] * 0.587 + x[..., 2] * 0.114
+        return y.round().clamp(0, 255).to(dtype=self.data.dtype).cpu().numpy()
+
+
+def iter_segment_frames_nvdec(
+    fileobj,
+    segment: Segment,
+    time_base: Fraction,
+    frame_pts: Fraction,
+    end_pts: int | None,
+    stats: DecodeStats,
+    *,
+    chunk_s: float = 2.0,
+    device: str = "cuda",
+) -> Iterator[tuple[TensorFrame, int | None]]:
+    """NVDEC counterpart of :func:`raydetect.video.decode.iter_segment_frames`."""
+    from torchcodec.decoders import VideoDecoder
+
+    t0 = time.perf_counter()
+    try:
+        dec = VideoDecoder(fileobj, device=device, seek_mode="approximate", dimension_order="NHWC")
+    except Exception as e:
+        stats.seconds += time.perf_counter() - t0
+        stats.add_error(None, f"nvdec open failed: {type(e).__name__}: {e}", merge=False)
+        stats.eof = True
+        return
+    md = dec.metadata
+    stream_end_s = md.end_stream_seconds if md.end_stream_seconds is not None else md.duration_seconds
+    if end_pts is not None:
+        stream_end_s = max(stream_end_s or 0.0, float(end_pts * time_base))
+    stats.seconds += time.perf_counter() - t0
+
+    def to_pts(seconds: float) -> int:
+        return math.floor(Fraction(seconds) / time_base + Fraction(1, 2))
+
+    # Start one tick before the segment so the frame playing then (the previous one) is seen.
+    lo = float((segment.start - 1) * time_base) if segment.start is not None else float(md.begin_stream_seconds or 0.0)
+    hi_limit = float(segment.end * time_base) if segment.end is not None else stream_end_s
+    prev: int | None = None
+    last_seen: int | None = None
+    beyond = 0
+    lo = max(lo, float(md.begin_stream_seconds or 0.0))
+    while lo < hi_limit + float(frame_pts * time_base) and beyond == 0:
+        hi = lo + chunk_s
+        t0 = time.perf_counter()
+        try:
+            batch = dec.get_frames_played_in_range(lo, hi)
+        except Exception as e:
+            stats.seconds += time.perf_counter() - t0
+            stats.add_error(last_seen, f"nvdec decode error: {type(e).__name__}: {e}", merge=False)
+            stats.eof = True
+            return
+        stats.seconds += time.perf_counter() - t0
+        if len(batch.pts_seconds) == 0 and hi >= stream_end_s:
+            break
+        for i, ps in enumerate(batch.pts_seconds.tolist()):
+            pts = to_pts(ps)
+            if last_seen is not None and pts <= last_seen:
+                continue  # the frame still playing at the chunk start was already seen
+            last_seen = pts
+            stats.max_pts = pts if stats.max_pts is None else max(stats.max_pts, pts)
+            if segment.start is not None and pts < segment.start:
+                stats.extra += 1
+                prev = pts
+                continue
+            if segment.end is not None and pts >= segment.end:
+                stats.extra += 1
+                beyond += 1
+                continue
+            stats.frames += 1
+            yield TensorFrame(batch.data[i], pts), prev
+            prev = pts
+        lo = hi
+    if beyond == 0:
+        stats.eof = True

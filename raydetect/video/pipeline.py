@@ -1,0 +1,274 @@
+"""Ray Data wiring of the video path of the batch job.
+
+    uris ──from_items──▶ flat_map(plan_video) ──repartition(1 row/block)──▶
+        map_batches(VideoSegmentDetector, ActorPoolStrategy, batch_size=1) ──▶ segment stats
+
+* one row per (video, segment): a long video keeps as many actors busy as it has segments;
+* each actor holds one :class:`~raydetect.detector.Detector`, decodes its segment from the
+  file object (fsspec, range reads) and detects in the same process;
+* each segment's frame rows are written by the actor to
+  ``OUTPUT/videos/<name>-<hash>-s<segment>.parquet`` — a deterministic name per (video, segment),
+  so a retried segment replaces its file instead of adding rows (exactly once by construction);
+* the per-segment counters come back to the driver, which writes one row per video to
+  ``OUTPUT/video_summary/summary.parquet``.
+
+Image results stay at the top of ``OUTPUT`` with their own schema; read them without the video
+folders with ``pyarrow.dataset.dataset(OUTPUT, ignore_prefixes=[".", "_", "video"])``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from raydetect.config import DetectorConfig, JobConfig, StorageConfig, VideoConfig
+from raydetect.storage import filesystem, full_url
+from raydetect.types import VIDEO_SUMMARY_SCHEMA, frame_results_to_table
+from raydetect.video.detect import SegmentTask, detect_segment, plan_video
+
+log = logging.getLogger(__name__)
+
+FRAMES_DIR = "videos"
+SUMMARY_DIR = "video_summary"
+
+SEGMENT_STATS_SCHEMA = pa.schema(
+    [
+        ("uri", pa.string()),
+        ("segment", pa.int32()),
+        ("segments", pa.int32()),
+        ("codec", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("fps", pa.float64()),
+        ("duration_s", pa.float64()),
+        ("frames_decoded", pa.int64()),
+        ("frames_sampled", pa.int64()),
+        ("frames_processed", pa.int64()),
+        ("frames_skipped", pa.int64()),
+        ("detections", pa.int64()),
+        ("errors", pa.int64()),
+        ("decode_s", pa.float64()),
+        ("infer_s", pa.float64()),
+        ("decoder", pa.string()),
+        ("error", pa.string()),
+        ("worker", pa.string()),
+        ("file", pa.string()),
+        ("model_sha256", pa.string()),
+        ("engine", pa.string()),
+        ("precision", pa.string()),
+    ]
+)
+
+
+def frames_file_name(uri: str, segment: int) -> str:
+    """Deterministic file name of a segment's frame rows."""
+    stem = uri.rstrip("/").rsplit("/", 1)[-1].rsplit(".", 1)[0]
+    stem = re.sub(r"[^A-Za-z0-9_-]+", "_", stem)[:40] or "video"
+    digest = hashlib.sha1(uri.encode()).hexdigest()[:16]
+    return f"{stem}-{digest}-s{segment:06d}.parquet"
+
+
+def resolve_decoder(choice: str, num_gpus: float) -> tuple[str, str]:
+    """``(decoder, reason)`` for a ``video.decoder`` choice in an actor with ``num_gpus``."""
+    if choice == "cpu":
+        return "cpu", "requested"
+    from raydetect.video.nvdec import nvdec_availability
+
+    ok, reason = nvdec_availability()
+    if choice == "nvdec":
+        if not ok:
+            log.warning("nvdec requested but unavailable (%s); decoding on the CPU", reason)
+            return "cpu", f"nvdec unavailable: {reason}"
+        return "nvdec", reason
+    if ok and num_gpus > 0:
+        return "nvdec", reason
+    return "cpu", reason if not ok else "no GPU assigned to the actor"
+
+
+class VideoSegmentDetector:
+    """``map_batches`` callable: one segment task per call → its counters (one row)."""
+
+    def __init__(
+        self, config: DetectorConfig, video: VideoConfig, output: str, num_gpus: float = 0.0
+    ) -> None:
+        from raydetect.detector import Detector
+
+        self.detector = Detector(config)
+        self.video = video
+        self.storage = config.storage
+        self.out_fs, out_path = filesystem(output, config.storage)
+        self.frames_dir = f"{out_path.rstrip('/')}/{FRAMES_DIR}"
+        self.out_fs.makedirs(self.frames_dir, exist_ok=True)
+        self.decoder, self.decoder_reason = resolve_decoder(video.decoder, num_gpus)
+
+    def __call__(self, batch: dict[str, Any]) -> pa.Table:
+        stats = []
+        for text in batch["task"]:
+            stats.append(self.run(SegmentTask.from_json(str(text))))
+        return pa.Table.from_pylist(stats, schema=SEGMENT_STATS_SCHEMA)
+
+    def run(self, task: SegmentTask) -> dict[str, Any]:
+        outcome = detect_segment(self.detector, task, self.video, self.storage, decoder=self.decoder)
+        ident = {
+            "model_sha256": self.detector.card.sha256,
+            "engine": self.detector.engine.name,
+            "precision": self.detector.engine.precision,
+        }
+        table = frame_results_to_table(outcome.rows, **ident)
+        name = frames_file_name(task.uri, task.segment.index)
+        write_table_atomic(self.out_fs, f"{self.frames_dir}/{name}", table)
+        return {**outcome.stats, "file": name, **ident}
+
+
+def write_table_atomic(fs, path: str, table: pa.Table) -> None:
+    """Write ``table`` so that readers never see a partial file (object stores: one PUT;
+    local files: write a hidden temporary, then rename)."""
+    from raydetect.storage import is_remote_fs
+
+    if is_remote_fs(fs):
+        with fs.open(path, "wb") as f:
+            pq.write_table(table, f)
+        return
+    directory, name = path.rsplit("/", 1)
+    tmp = f"{directory}/.{name}.tmp"
+    with fs.open(tmp, "wb") as f:
+        pq.write_table(table, f)
+    fs.mv(tmp, path)
+
+
+def _plan_rows(row: dict[str, Any], video: VideoConfig, storage: StorageConfig) -> list[dict[str, Any]]:
+    tasks = plan_video(row["uri"], video, storage)
+    return [{"uri": t.uri, "segment": t.segment.index, "task": t.to_json()} for t in tasks]
+
+
+def build_video_dataset(cfg: JobConfig, uris: list[str]):
+    """The lazy Ray Dataset of per-segment counters (frame rows are written by the actors)."""
+    import ray
+
+    ds = ray.data.from_items([{"uri": u} for u in uris])
+    ds = ds.flat_map(
+        _plan_rows, fn_kwargs={"video": cfg.video, "storage": cfg.detector.storage}, num_cpus=0.1
+    )
+    # One segment per block, so the segments of one video spread over the actor pool.
+    ds = ds.repartition(target_num_rows_per_block=1)
+    max_size = cfg.concurrency
+    return ds.map_batches(
+        VideoSegmentDetector,
+        fn_constructor_kwargs={
+            "config": cfg.detector,
+            "video": cfg.video,
+            "output": cfg.output,
+            "num_gpus": cfg.num_gpus,
+        },
+        batch_size=1,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(min_size=min(cfg.min_actors, max_size), max_size=max_size),
+        num_cpus=cfg.num_cpus,
+        num_gpus=cfg.num_gpus,
+    )
+
+
+def summarize_videos(segment_rows: list[dict[str, Any]]) -> pa.Table:
+    """One row per video (:data:`VIDEO_SUMMARY_SCHEMA`) from the per-segment counters."""
+    by_uri: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in segment_rows:
+        by_uri[r["uri"]].append(r)
+    out = []
+    sums = ("frames_decoded", "frames_sampled", "frames_processed", "frames_skipped", "detections", "errors",
+            "decode_s", "infer_s")
+    for uri in sorted(by_uri):
+        segs = sorted(by_uri[uri], key=lambda r: r["segment"])
+        first = segs[0]
+        row = {k: sum(s[k] or 0 for s in segs) for k in sums}
+        errors = [s["error"] for s in segs if s["error"]]
+        row.update(
+            uri=uri,
+            codec=first["codec"],
+            width=first["width"],
+            height=first["height"],
+            fps=first["fps"],
+            duration_s=first["duration_s"],
+            segments=len(segs),
+            decode_fps=row["frames_decoded"] / row["decode_s"] if row["decode_s"] > 0 else None,
+            decoder=",".join(sorted({s["decoder"] for s in segs})),
+            error=errors[0] if errors else None,
+            model_sha256=first.get("model_sha256"),
+            engine=first.get("engine"),
+            precision=first.get("precision"),
+        )
+        out.append(row)
+    return pa.Table.from_pylist(out, schema=VIDEO_SUMMARY_SCHEMA)
+
+
+@dataclass
+class VideoJobSummary:
+    videos: int
+    segments: int
+    frames_decoded: int
+    frames_processed: int
+    frames_skipped: int
+    detections: int
+    errors: int
+    seconds: float
+    frames_output: str
+    summary_output: str
+    #: the per-segment counters (incl. which worker ran the segment); not part of as_dict()
+    segment_rows: list[dict[str, Any]] = field(default_factory=list, repr=False)
+
+    def line(self) -> str:
+        fps = self.frames_decoded / self.seconds if self.seconds > 0 else 0.0
+        return (
+            f"raydetect: {self.videos} videos ({self.segments} segments) in {self.seconds:.1f} s: "
+            f"{self.frames_decoded} frames decoded ({fps:.1f}/s), {self.frames_processed} processed, "
+            f"{self.frames_skipped} skipped by the gate, {self.detections} detections, {self.errors} errors "
+            f"-> {self.frames_output}"
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("segment_rows")
+        return d
+
+
+def run_video_job(cfg: JobConfig, in_fs, paths: list[str]) -> VideoJobSummary:
+    """Run the video part of the batch job for ``paths`` on ``in_fs`` (Ray must be initialised).
+    The output folder is expected to have been prepared (emptied) by the caller."""
+    uris = [full_url(in_fs, p) for p in paths]
+    out = cfg.output.rstrip("/")
+    t0 = time.perf_counter()
+    segment_rows = build_video_dataset(cfg, uris).take_all()
+    seconds = time.perf_counter() - t0
+    table = summarize_videos(segment_rows)
+    out_fs, out_path = filesystem(out, cfg.detector.storage)
+    summary_dir = f"{out_path}/{SUMMARY_DIR}"
+    out_fs.makedirs(summary_dir, exist_ok=True)
+    write_table_atomic(out_fs, f"{summary_dir}/summary.parquet", table)
+    col = table.to_pydict()
+    return VideoJobSummary(
+        videos=table.num_rows,
+        segments=len(segment_rows),
+        frames_decoded=sum(col["frames_decoded"]),
+        frames_processed=sum(col["frames_processed"]),
+        frames_skipped=sum(col["frames_skipped"]),
+        detections=sum(col["detections"]),
+        errors=sum(col["errors"]),
+        seconds=seconds,
+        frames_output=f"{out}/{FRAMES_DIR}",
+        summary_output=f"{out}/{SUMMARY_DIR}",
+        segment_rows=segment_rows,
+    )
+
+
+def split_videos(files: list[str], video: VideoConfig) -> tuple[list[str], list[str]]:
+    """``(images, videos)``: the listed input files split by the video extensions."""
+    exts = tuple(video.extensions)
+    videos = [f for f in files if f.lower().endswith(exts)]
+    return [f for f in files if not f.lower().endswith(exts)], videos
