@@ -16,6 +16,7 @@ from raydetect.config import ConfigError, DetectorConfig, StorageConfig, validat
 #: (heavy imports such as ray stay inside the command functions).
 SUBCOMMANDS: list[tuple[str, str]] = [
     ("detect", "raydetect.job"),
+    ("build", "raydetect.engines.tensorrt_build"),
     ("eval", "raydetect.evaluate"),
     ("quantize", "raydetect.quantize"),
 ]

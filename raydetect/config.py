@@ -51,6 +51,23 @@ class StorageConfig(_Strict):
         return opts
 
 
+class TensorRTConfig(_Strict):
+    """TensorRT engine options (see :mod:`raydetect.engines.tensorrt`). The batch profile's
+    maximum is the detector's ``batch_size``."""
+
+    cache: str | None = Field(
+        None, description="Engine cache: local dir or s3:// prefix; None = next to the model"
+    )
+    workspace_gb: float = Field(4.0, gt=0.0, le=1024.0, description="Builder workspace limit (GiB)")
+    opt_batch: int | None = Field(None, ge=1, le=4096, description="Batch size to optimise for; None = max")
+    nms: Literal["auto", "inms", "efficient_nms"] = Field(
+        "auto", description="NMS inside the network: INMSLayer, EfficientNMS_TRT plugin, or auto"
+    )
+    cuda_graph: bool = Field(True, description="Replay CUDA graphs where the engine allows it")
+    build: bool = Field(True, description="Build the engine when no cached one matches (else: error)")
+    lock_timeout_s: float = Field(3600.0, gt=0.0, description="Wait this long for another builder")
+
+
 class DetectorConfig(_Strict):
     """Everything one :class:`raydetect.detector.Detector` needs."""
 
@@ -66,6 +83,7 @@ class DetectorConfig(_Strict):
     threads: int | None = Field(None, ge=1, le=512, description="CPU engine threads")
     device: str | None = Field(None, description="'cpu', 'cuda' or 'cuda:N'; None picks")
     storage: StorageConfig = StorageConfig()
+    tensorrt: TensorRTConfig = TensorRTConfig()
 
     @field_validator("device")
     @classmethod

@@ -18,8 +18,9 @@ import pyarrow as pa
 
 from raydetect.config import DetectorConfig, validate
 from raydetect.engines import create_engine
+from raydetect.engines.base import NMSOutput
 from raydetect.model_card import ModelCard, batching_check_input
-from raydetect.postprocess import postprocess
+from raydetect.postprocess import nms_output_rows, nms_outputs_close, postprocess
 from raydetect.preprocess import (
     ImageError,
     Letterbox,
@@ -110,6 +111,8 @@ class Detector:
         """Run one image alone and inside a batch; on mismatch fall back to chunks of 1.
         Doubles as the warm-up."""
         x = batching_check_input(self.card.imgsz, n=2)
+        if self.engine.nms_in_engine:
+            return self._verify_batching_nms(x)
         alone = np.asarray(self._infer(x[:1]))
         if not self.card.batch_rewritten or self.chunk == 1:
             return True
@@ -126,8 +129,40 @@ class Detector:
             return False
         return True
 
+    def _verify_batching_nms(self, x: np.ndarray) -> bool:
+        """:meth:`_verify_batching` for engines with NMS inside: compare final detections."""
+        cfg = self.config
+        self.engine.set_nms_params(cfg.conf, cfg.iou, cfg.max_det)
+        alone = self._infer(x[:1])
+        if not self.card.batch_rewritten or self.chunk == 1:
+            return True
+        both = self._infer(x)
+        if nms_outputs_close(alone, 0, both, 0):
+            return True
+        log.warning("%s: detections differ when batched; running images one at a time", self.card.url)
+        self.chunk = 1
+        return False
+
     def _infer(self, x: np.ndarray) -> np.ndarray:
         return self.engine.infer(x)
+
+    def _infer_nms(self, x: np.ndarray, conf: list[float], iou: list[float], max_det: list[int]) -> NMSOutput:
+        """Engines with NMS inside take one conf/IoU per call: images sharing an IoU run
+        together at the lowest conf among them (higher ones and smaller max_det are applied
+        exactly afterwards by :func:`nms_output_rows`)."""
+        groups: dict[float, list[int]] = {}
+        for j, v in enumerate(iou):
+            groups.setdefault(float(v), []).append(j)
+        outs, order = [], []
+        for v, idx in groups.items():
+            self.engine.set_nms_params(min(conf[j] for j in idx), v, max(max_det[j] for j in idx))
+            outs.append(self._infer(x if len(groups) == 1 else x[idx]))
+            order.extend(idx)
+        if len(outs) == 1:
+            return outs[0]
+        inv = np.argsort(np.asarray(order))
+        fields = [np.concatenate([getattr(o, f) for o in outs])[inv] for f in ("num", "boxes", "scores", "classes")]
+        return NMSOutput(*fields)
 
     # --- detection ----------------------------------------------------------------------
     def detect(
@@ -176,17 +211,25 @@ class Detector:
             part = ready[start : start + self.chunk]
             t1 = time.perf_counter()
             try:
-                preds = np.asarray(self._infer(to_tensor([p[1] for p in part])))
+                x = to_tensor([p[1] for p in part])
+                if self.engine.nms_in_engine:
+                    ids = [p[0] for p in part]
+                    preds = self._infer_nms(x, [conf[i] for i in ids], [iou[i] for i in ids], [max_det[i] for i in ids])
+                else:
+                    preds = np.asarray(self._infer(x))
             except Exception as e:
                 log.exception("engine failed on a batch of %d", len(part))
                 for i, _, _ in part:
                     results[i].error = f"inference failed: {type(e).__name__}: {e}"
                 continue
             t2 = time.perf_counter()
-            for (i, _, geom), pred in zip(part, preds, strict=True):
-                results[i].detections = self._to_detections(
-                    pred, geom, results[i].height, results[i].width, conf[i], iou[i], max_det[i]
-                )
+            for j, (i, _, geom) in enumerate(part):
+                oh, ow = results[i].height, results[i].width
+                if isinstance(preds, NMSOutput):  # NMS ran inside the engine
+                    boxes, scores, cls = nms_output_rows(preds, j, conf[i], max_det[i])
+                    results[i].detections = self._rows_to_detections(boxes, scores, cls, geom, oh, ow)
+                else:
+                    results[i].detections = self._to_detections(preds[j], geom, oh, ow, conf[i], iou[i], max_det[i])
             t.infer += t2 - t1
             t.postprocess += time.perf_counter() - t2
             t.batches += 1
@@ -298,6 +341,12 @@ class Detector:
         self, pred: np.ndarray, geom: Letterbox, oh: int, ow: int, conf: float, iou: float, max_det: int
     ) -> list[Detection]:
         boxes, scores, cls = postprocess(pred, self.card.layout, conf, iou, max_det)
+        return self._rows_to_detections(boxes, scores, cls, geom, oh, ow)
+
+    def _rows_to_detections(
+        self, boxes: np.ndarray, scores: np.ndarray, cls: np.ndarray, geom: Letterbox, oh: int, ow: int
+    ) -> list[Detection]:
+        """Boxes in letterboxed coordinates → detections in original pixels with names."""
         boxes = unletterbox_boxes(boxes, geom, oh, ow)
         names = self.card.names
         return [

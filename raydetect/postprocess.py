@@ -14,9 +14,12 @@ never suppress each other, a box is suppressed when its IoU with a kept box is >
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from raydetect.engines.base import NMSOutput
 
 HeadLayout = Literal["yolov8", "yolov5"]
 
@@ -96,3 +99,40 @@ def postprocess(
     offset = class_ids.astype(np.float32)[:, None] * np.float32(MAX_WH)
     keep = nms(boxes + offset, scores, iou, max_keep=max_det)
     return boxes[keep], scores[keep], class_ids[keep]
+
+
+def nms_output_rows(
+    out: NMSOutput, i: int, conf: float, max_det: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Image ``i`` of an engine's in-network NMS result → (boxes xyxy [k, 4] float32, scores
+    [k] float32, class ids [k] int64) in letterboxed model coordinates, like
+    :func:`postprocess`: score > conf, highest first, at most ``max_det``.
+
+    Filtering by a higher ``conf`` or cutting to a smaller ``max_det`` after NMS gives exactly
+    what NMS with those settings gives (a box is only ever suppressed by a higher-scoring one)."""
+    n = int(out.num[i])
+    k = out.boxes.shape[1]
+    if not 0 <= n <= k:
+        raise ValueError(f"image {i}: {n} detections reported but the engine returns at most {k}")
+    boxes = np.asarray(out.boxes[i, :n], dtype=np.float32)
+    scores = np.asarray(out.scores[i, :n], dtype=np.float32)
+    classes = np.asarray(out.classes[i, :n]).astype(np.int64)
+    keep = scores > conf
+    boxes, scores, classes = boxes[keep], scores[keep], classes[keep]
+    order = np.argsort(-scores, kind="stable")[:max_det]
+    return boxes[order], scores[order], classes[order]
+
+
+def nms_outputs_close(
+    a: NMSOutput, i: int, b: NMSOutput, j: int, atol: float = 0.5, rtol: float = 1e-3
+) -> bool:
+    """Whether image ``i`` of ``a`` and image ``j`` of ``b`` hold the same detections
+    (same count and classes, boxes within ``atol`` pixels, scores within ``rtol``)."""
+    if int(a.num[i]) != int(b.num[j]):
+        return False
+    n = int(a.num[i])
+    if not np.array_equal(np.asarray(a.classes[i, :n]), np.asarray(b.classes[j, :n])):
+        return False
+    if not np.allclose(a.boxes[i, :n], b.boxes[j, :n], atol=atol, rtol=0):
+        return False
+    return bool(np.allclose(a.scores[i, :n], b.scores[j, :n], rtol=rtol, atol=1e-6))
