@@ -48,6 +48,8 @@ def add_detector_args(p: argparse.ArgumentParser, *, model_required: bool = True
                    help="images with more pixels become error rows")
     g.add_argument("--threads", type=int, default=None, help="CPU engine threads")
     g.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: pick)")
+    g.add_argument("--trt-cache", default=None, metavar="URL",
+                   help="TensorRT engine cache: local dir or s3:// prefix (default: next to the model)")
 
 
 def storage_config(args: argparse.Namespace) -> StorageConfig:
@@ -84,6 +86,7 @@ def detector_config(args: argparse.Namespace, **overrides: Any) -> DetectorConfi
         "threads": args.threads,
         "device": args.device,
         "storage": storage_config(args),
+        "tensorrt": {"cache": getattr(args, "trt_cache", None)},
         **overrides,
     }
     return validate(DetectorConfig, data, "detector")

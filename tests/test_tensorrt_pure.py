@@ -719,3 +719,16 @@ def test_nms_outputs_close():
     assert nms_outputs_close(a, 0, b, 1)
     c = NMSOutput(np.array([1]), a.boxes + 3, a.scores, a.classes)
     assert not nms_outputs_close(a, 0, c, 0)
+
+
+def test_detect_cli_takes_the_engine_cache():
+    import argparse
+
+    from raydetect.cli import add_detector_args, add_storage_args, detector_config
+
+    parser = argparse.ArgumentParser()
+    add_detector_args(parser)
+    add_storage_args(parser)
+    cfg = detector_config(parser.parse_args(["--model", "m.onnx", "--engine", "tensorrt", "--trt-cache", "s3://b/e"]))
+    assert cfg.engine == "tensorrt" and cfg.tensorrt.cache == "s3://b/e"
+    assert detector_config(parser.parse_args(["--model", "m.onnx"])).tensorrt.cache is None

@@ -60,7 +60,7 @@ log = logging.getLogger(__name__)
 EFFICIENT_NMS_PLUGIN = ("EfficientNMS_TRT", "1")
 
 
-class TensorRTBuildError(RuntimeError):
+class TensorRTBuildError(EngineUnavailableError):
     """TensorRT failed to build an engine (its error messages are included)."""
 
 
@@ -420,7 +420,11 @@ def prepare_engine(card: ModelCard, config: DetectorConfig, *, force: bool = Fal
     tname = timing_cache_name(key.tensorrt_version, key.gpu_name, key.compute_capability)
 
     def load(blob: bytes):
-        return runtime.deserialize_cuda_engine(blob)
+        logger.errors.clear()
+        engine = runtime.deserialize_cuda_engine(blob)
+        if engine is None:  # e.g. a plan from another TensorRT version: say what TensorRT said
+            raise RuntimeError(f"TensorRT could not deserialize it: {logger.recent_errors()}")
+        return engine
 
     def build():
         timing = cache.read_timing_cache(tname)

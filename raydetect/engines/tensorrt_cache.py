@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 from raydetect.config import StorageConfig
+from raydetect.engines.base import EngineUnavailableError
 from raydetect.storage import filesystem, is_remote
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,7 @@ ENVIRONMENT_FIELDS = ("tensorrt_version", "gpu_name", "compute_capability")
 T = TypeVar("T")
 
 
-class EngineCacheError(RuntimeError):
+class EngineCacheError(EngineUnavailableError):
     """No usable engine in the cache and building is not allowed, or the cache is unusable."""
 
 
