@@ -268,6 +268,11 @@ def test_cache_on_s3(s3_storage, s3fs_client, tmp_path):
     fresh = EngineCache(url, s3_storage, lock_dir=str(tmp_path / "locks"))
     assert fresh.load_or_build(k, build, loads).status == "hit" and build.calls == 1
     assert [c["gpu_name"] for c in fresh.candidates(k)] == [k.gpu_name]
+    # an instance that listed the prefix before another one wrote there still sees the entry
+    k2, early = key(precision="fp32"), EngineCache(url, s3_storage, lock_dir=str(tmp_path / "locks"))
+    assert early.candidates(k2) == []
+    EngineCache(url, s3_storage, lock_dir=str(tmp_path / "locks")).load_or_build(k2, build, loads)
+    assert early.load_or_build(k2, build, loads).status == "hit" and build.calls == 2
     fresh.write_timing_cache("timing.cache", b"\x01\x02")
     assert fresh.read_timing_cache("timing.cache") == b"\x01\x02"
     assert fresh.read_timing_cache("absent.cache") == b""

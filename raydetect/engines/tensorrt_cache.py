@@ -227,6 +227,7 @@ class EngineCache:
     def read_entry(self, key: EngineKey) -> tuple[bytes | None, dict | None]:
         stem = key.file_stem()
         eng, side = self._join(stem + ".engine"), self._join(stem + ".json")
+        self._fresh()
         meta = None
         if self.fs.exists(side):
             try:
@@ -252,6 +253,11 @@ class EngineCache:
         # the sidecar goes last: its presence marks a complete entry
         self._put(stem + ".json", json.dumps(meta, indent=2, sort_keys=True).encode())
         return meta
+
+    def _fresh(self) -> None:
+        """Forget cached listings (s3fs keeps them): another process may have just written."""
+        if self.remote:
+            self.fs.invalidate_cache(self.path)
 
     def _put(self, name: str, data: bytes) -> None:
         path = self._join(name)
@@ -283,6 +289,7 @@ class EngineCache:
     def candidates(self, key: EngineKey) -> list[dict[str, Any]]:
         """Key fields of other entries for the same model and precision (to explain why none
         fits this machine)."""
+        self._fresh()
         try:
             names = self.fs.ls(self.path, detail=False)
         except (FileNotFoundError, OSError):
