@@ -19,6 +19,8 @@ SUBCOMMANDS: list[tuple[str, str]] = [
     ("build", "raydetect.engines.tensorrt_build"),
     ("eval", "raydetect.evaluate"),
     ("quantize", "raydetect.quantize"),
+    ("bench", "raydetect.bench"),
+    ("plan", "raydetect.plan"),
 ]
 
 

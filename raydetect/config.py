@@ -142,10 +142,21 @@ class JobConfig(_Strict):
     min_actors: int = Field(1, ge=1, description="Actors kept when idle")
     num_gpus: float = Field(0.0, ge=0.0, le=8.0, description="GPUs per detector actor")
     num_cpus: float = Field(1.0, gt=0.0, description="CPUs per detector actor")
+    actor_concurrency: int = Field(
+        1, ge=1, le=16, description="Detector calls running at once in one actor (threads; GPU: overlaps batches)"
+    )
+    rows_per_call: int | None = Field(
+        None, ge=1, le=65_536, description="Rows per detector call; None = detector.batch_size"
+    )
     limit: int | None = Field(None, ge=1)
     extensions: tuple[str, ...] = DEFAULT_IMAGE_EXTENSIONS
     progress: bool = True
     video: VideoConfig = VideoConfig()
+    shard_size: int = Field(
+        1000, ge=1, le=1_000_000, description="Input files per output part file (the unit of resume)"
+    )
+    report: bool = Field(True, description="Write OUTPUT/_report (JSON, Markdown, plot, samples)")
+    report_samples: int = Field(4, ge=0, le=100, description="Annotated sample images in the report")
 
     @field_validator("extensions")
     @classmethod
@@ -163,7 +174,9 @@ class ServeConfig(_Strict):
     take them from their own ``http_options``."""
 
     detector: DetectorConfig
-    name: str = Field("raydetect", pattern=r"^[A-Za-z0-9_.-]+$", description="Serve application name")
+    name: str = Field(
+        "raydetect", pattern=r"^[A-Za-z0-9_.-]+$", description="Serve application name (raydetect serve)"
+    )
     route_prefix: str = Field("/", pattern=r"^/")
     min_replicas: int = Field(1, ge=0, le=1000, description="Replicas kept when idle")
     max_replicas: int = Field(1, ge=1, le=1000, description="Autoscaling upper bound")
@@ -193,6 +206,35 @@ class ServeConfig(_Strict):
                 f"({self.max_batch_size}), or batches can never fill"
             )
         return self
+
+
+class BenchConfig(_Strict):
+    """``raydetect bench``: engine-only and end-to-end throughput per batch size."""
+
+    detector: DetectorConfig
+    images: str | None = Field(None, description="Image file or folder used as input; None: a synthetic image")
+    batch_sizes: tuple[int, ...] = Field((1, 2, 4, 8), min_length=1)
+    iterations: int = Field(10, ge=1, le=100_000, description="Timed calls per batch size (at least)")
+    min_seconds: float = Field(0.0, ge=0.0, le=3600.0, description="...and at least this long")
+    warmup: int = Field(2, ge=0, le=1000, description="Untimed calls per batch size first")
+
+    @field_validator("batch_sizes")
+    @classmethod
+    def _check_sizes(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        bad = [b for b in v if b < 1 or b > 4096]
+        if bad:
+            raise ValueError(f"batch sizes must be in 1..4096 (got {bad})")
+        return tuple(sorted(set(v)))
+
+
+class PlanConfig(_Strict):
+    """``raydetect plan``: GPUs for ``streams`` × ``fps`` from a measured per-GPU rate."""
+
+    streams: int = Field(ge=1, le=10_000_000, description="Concurrent video streams")
+    fps: float = Field(gt=0.0, le=10_000.0, description="Frames per second analysed per stream")
+    headroom: float = Field(1.5, ge=1.0, le=100.0, description="Capacity multiplier for peaks and failures")
+    latency_ms: float | None = Field(None, gt=0.0, description="Max p99 latency of one batch")
+    per_gpu_fps: float | None = Field(None, gt=0.0, description="Measured frames/s of one GPU (else from --bench)")
 
 
 def _format(err: ValidationError, prefix: str) -> str:

@@ -2,6 +2,12 @@
 
 Ray Data reads only the compressed bytes; decoding happens inside the detector actors,
 so decoded pixels never travel between processes.
+
+Output is exactly once and resumable (:mod:`raydetect.shards`): the sorted inputs are cut into
+shards, the driver consumes the result rows as they stream out of the actor pool and writes each
+shard's ``part-<id>.parquet`` atomically once every input of the shard has its row (rows are a few
+hundred bytes, so the driver is never the bottleneck; no shuffle, no barrier). A re-run skips the
+shards whose part file exists.
 """
 
 from __future__ import annotations
@@ -15,8 +21,9 @@ from typing import Any
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
+from raydetect import shards as sh
 from raydetect.config import JobConfig, validate
-from raydetect.storage import filesystem, is_remote_fs, list_files
+from raydetect.storage import filesystem, is_remote_fs, list_files, read_bytes, sha256_bytes
 
 log = logging.getLogger(__name__)
 
@@ -29,10 +36,16 @@ class JobSummary:
     errors: int
     output: str
     video: Any = None  # raydetect.video.pipeline.VideoJobSummary when the input held videos
+    processed: int | None = None  # images run by this call (None: all of them)
+    shards: int = 0  # shards of the image inputs
+    shards_skipped: int = 0  # of those, done by an earlier run (resumed)
+    duplicates_dropped: int = 0  # repeated rows from retried tasks, not written
+    report: str | None = None  # OUTPUT/_report/report.json when written
 
     @property
     def images_per_s(self) -> float:
-        return self.images / self.seconds if self.seconds > 0 else 0.0
+        n = self.images if self.processed is None else self.processed
+        return n / self.seconds if self.seconds > 0 else 0.0
 
     def line(self) -> str:
         text = (
@@ -40,6 +53,11 @@ class JobSummary:
             f"({self.images_per_s:.1f} images/s), {self.detections} detections, "
             f"{self.errors} errors -> {self.output}"
         )
+        if self.shards_skipped:
+            text += (
+                f" (resumed: {self.shards_skipped} of {self.shards} shards were done already, "
+                f"{self.processed} images run now)"
+            )
         return text if self.video is None else f"{text}\n{self.video.line()}"
 
     def as_dict(self) -> dict:
@@ -51,7 +69,7 @@ def build_dataset(cfg: JobConfig, files: list[str], fs):
     import ray
 
     ds = ray.data.read_binary_files(files, filesystem=fs, include_paths=True)
-    from raydetect.detector import Detector
+    from raydetect.metrics import MeteredDetector
 
     max_size = cfg.concurrency
     min_size = min(cfg.min_actors, max_size)
@@ -59,10 +77,11 @@ def build_dataset(cfg: JobConfig, files: list[str], fs):
     if cfg.actor_concurrency > 1:  # calls run in threads: one decodes while another infers
         threads = {"max_concurrent_calls_per_actor": cfg.actor_concurrency, "enable_true_multi_threading": True}
     return ds.map_batches(
-        Detector,
+        MeteredDetector,
         fn_constructor_kwargs={
             "config": cfg.detector,
             "uri_prefix": "s3://" if is_remote_fs(fs) else "",
+            "job": cfg.output,
         },
         batch_size=cfg.rows_per_call or cfg.detector.batch_size,
         batch_format="numpy",
@@ -72,31 +91,80 @@ def build_dataset(cfg: JobConfig, files: list[str], fs):
     )
 
 
-def _prepare_output(cfg: JobConfig, overwrite: bool):
+#: detector settings that change the rows; a re-run into the same output must match them
+RESULT_SETTINGS = ("engine", "precision", "conf", "iou", "max_det", "max_pixels", "max_bytes")
+
+
+def job_manifest(cfg: JobConfig) -> dict:
+    """The manifest this job writes to ``OUTPUT/_job.json`` (reads the model to hash it)."""
+    det = cfg.detector
+    settings = {k: getattr(det, k) for k in RESULT_SETTINGS}
+    settings["extensions"] = sorted(cfg.extensions)
+    return sh.make_manifest(
+        model_sha256=sha256_bytes(read_bytes(det.model, det.storage)),
+        input=cfg.input.rstrip("/"),
+        settings=settings,
+        shard_size=cfg.shard_size,
+    )
+
+
+def prepare_output(cfg: JobConfig, manifest: dict, overwrite: bool):
+    """Check the output against ``manifest`` (or empty it with ``overwrite``), record the
+    manifest, and return ``(fs, path)``. Raises :class:`~raydetect.shards.OutputMismatchError`
+    (a ``FileExistsError``) when the output holds results of another job."""
     out_fs, out_path = filesystem(cfg.output, cfg.detector.storage)
     if out_fs.exists(out_path):
-        existing = [p for p in out_fs.find(out_path) if p.endswith(".parquet")]
-        if existing and not overwrite:
-            raise FileExistsError(
-                f"output {cfg.output} already holds {len(existing)} Parquet files; "
-                "choose an empty output or pass --overwrite"
-            )
-        if existing:
+        if overwrite:
             out_fs.rm(out_path, recursive=True)
+        else:
+            old = sh.read_manifest(out_fs, out_path)
+            if old is None:
+                existing = [p for p in out_fs.find(out_path) if p.endswith(".parquet")]
+                if existing:
+                    raise FileExistsError(
+                        f"output {cfg.output} already holds {len(existing)} Parquet files but no "
+                        f"{sh.MANIFEST} (not a resumable raydetect output); choose an empty output "
+                        "or pass --overwrite"
+                    )
+            else:
+                sh.check_manifest(old, manifest, cfg.output)
+                manifest = {**old, "shard_size": manifest["shard_size"], "resumed": manifest["created"]}
+            sh.clean_tmp(out_fs, out_path)
+    sh.write_manifest(out_fs, out_path, manifest)
     return out_fs, out_path
 
 
 def summarize(out_fs, out_path: str, images: int, seconds: float, output: str) -> JobSummary:
-    table = pads.dataset(out_path, filesystem=out_fs, format="parquet").to_table(
-        columns=["detections", "error"]
-    )
+    """Detections and errors over all image part files of the output."""
+    parts = sorted(sh.existing_parts(out_fs, out_path).values())
+    if not parts:
+        return JobSummary(images=images, seconds=seconds, detections=0, errors=0, output=output)
+    table = pads.dataset(parts, filesystem=out_fs, format="parquet").to_table(columns=["detections", "error"])
     dets = int(pc.sum(pc.list_value_length(table["detections"])).as_py() or 0)
     errors = int(table["error"].is_valid().to_numpy(zero_copy_only=False).sum())
     return JobSummary(images=images, seconds=seconds, detections=dets, errors=errors, output=output)
 
 
+def run_images(cfg: JobConfig, in_fs, out_fs, out_path: str, plan: sh.ShardPlan, uri_prefix: str,
+               timeline: list[tuple[float, int]]) -> sh.WriteStats:
+    """Run the pending shards of ``plan`` and write their part files as they complete.
+    ``timeline`` receives ``(seconds since start, images done)`` after every result batch."""
+    writer = sh.ShardWriter(out_fs, out_path, plan.pending, uri_prefix)
+    ds = build_dataset(cfg, plan.pending_paths, in_fs)
+    t0 = time.perf_counter()
+    done = 0
+    timeline.append((0.0, 0))
+    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        writer.add(batch)
+        done += batch.num_rows
+        timeline.append((time.perf_counter() - t0, done))
+    writer.close()
+    return writer.stats
+
+
 def run_job(cfg: JobConfig, *, overwrite: bool = False) -> JobSummary:
-    """Run the batch job (connects to / starts Ray as ``ray.init()`` does)."""
+    """Run the batch job (connects to / starts Ray as ``ray.init()`` does). Resumes into an
+    output written by the same job; see :mod:`raydetect.shards`."""
     import ray
 
     from raydetect.video.pipeline import run_video_job, split_videos
@@ -110,21 +178,47 @@ def run_job(cfg: JobConfig, *, overwrite: bool = False) -> JobSummary:
             f"no images ({', '.join(cfg.extensions)}) or videos ({', '.join(cfg.video.extensions)}) "
             f"under {cfg.input}"
         )
-    out_fs, out_path = _prepare_output(cfg, overwrite)
-    if not ray.is_initialized():
-        ray.init(logging_level=logging.WARNING)
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = cfg.progress
-    summary = JobSummary(images=0, seconds=0.0, detections=0, errors=0, output=cfg.output)
-    if files:
-        t0 = time.perf_counter()
-        ds = build_dataset(cfg, files, in_fs)
-        ds.write_parquet(out_path, filesystem=out_fs)
-        seconds = time.perf_counter() - t0
-        summary = summarize(out_fs, out_path, len(files), seconds, cfg.output)
+    uri_prefix = "s3://" if is_remote_fs(in_fs) else ""
+    out_fs, out_path = prepare_output(cfg, job_manifest(cfg), overwrite)
+    plan = sh.plan_resume(out_fs, out_path, files, cfg.shard_size, uri_prefix)
+    total_shards = len(plan.pending) + len([d for d in plan.done if d not in plan.stale_parts])
+    if plan.pending or videos:
+        if not ray.is_initialized():
+            ray.init(logging_level=logging.WARNING)
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = cfg.progress
+    timeline: list[tuple[float, int]] = []
+    t0 = time.perf_counter()
+    stats = sh.WriteStats()
+    if plan.pending:
+        log.info("%d of %d shards to run (%d images)", len(plan.pending), total_shards, len(plan.pending_paths))
+        stats = run_images(cfg, in_fs, out_fs, out_path, plan, uri_prefix, timeline)
+    seconds = time.perf_counter() - t0
+    summary = summarize(out_fs, out_path, len(files), seconds, cfg.output)
+    summary.processed = len(plan.pending_paths)
+    summary.shards = total_shards
+    summary.shards_skipped = total_shards - len(plan.pending)
+    summary.duplicates_dropped = stats.duplicates_dropped
     if videos:  # after the images: summarize() reads the top level of the output only then
         summary.video = run_video_job(cfg, in_fs, videos)
+    if cfg.report and files:
+        summary.report = _write_report(cfg, summary, timeline, in_fs, out_fs, out_path, uri_prefix,
+                                       keep_existing=not plan.pending)
     return summary
+
+
+def _write_report(cfg, summary, timeline, in_fs, out_fs, out_path, uri_prefix, keep_existing) -> str | None:
+    """The job report (never fails the job: results are already written). A re-run that found
+    every shard done keeps the report of the run that did the work."""
+    from raydetect.report import existing_report, write_report
+
+    try:
+        if keep_existing and (url := existing_report(cfg, out_fs, out_path)):
+            return url
+        return write_report(cfg, summary, timeline, in_fs, out_fs, out_path, uri_prefix)
+    except Exception:
+        log.exception("could not write the job report (the results are complete)")
+        return None
 
 
 # --- CLI ------------------------------------------------------------------------------------
@@ -140,7 +234,12 @@ def add_job_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per actor (fractions ok)")
     p.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per actor")
     p.add_argument("--limit", type=int, default=None, help="process at most N files")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing output (default: resume it if it was written by the same job)")
+    p.add_argument("--shard-size", type=int, default=1000,
+                   help="input files per output part file, the unit of resume (default 1000)")
+    p.add_argument("--no-report", action="store_true", help="skip OUTPUT/_report (report, plot, samples)")
+    p.add_argument("--report-samples", type=int, default=4, help="annotated sample images in the report")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     add_detector_args(p)
     add_storage_args(p)
@@ -165,6 +264,9 @@ def job_config(args: argparse.Namespace) -> JobConfig:
             "num_cpus": args.num_cpus,
             "limit": args.limit,
             "progress": not args.no_progress,
+            "shard_size": args.shard_size,
+            "report": not args.no_report,
+            "report_samples": args.report_samples,
             "video": video_options(args),
         },
         "job",
