@@ -58,7 +58,9 @@ class JobSummary:
                 f" (resumed: {self.shards_skipped} of {self.shards} shards were done already, "
                 f"{self.processed} images run now)"
             )
-        return text if self.video is None else f"{text}\n{self.video.line()}"
+        if self.video is None:
+            return text
+        return self.video.line() if self.images == 0 else f"{text}\n{self.video.line()}"
 
     def as_dict(self) -> dict:
         return {**asdict(self), "images_per_s": self.images_per_s}
@@ -100,6 +102,9 @@ def job_manifest(cfg: JobConfig) -> dict:
     det = cfg.detector
     settings = {k: getattr(det, k) for k in RESULT_SETTINGS}
     settings["extensions"] = sorted(cfg.extensions)
+    from raydetect.video.pipeline import video_settings
+
+    settings["video"] = video_settings(cfg.video)
     return sh.make_manifest(
         model_sha256=sha256_bytes(read_bytes(det.model, det.storage)),
         input=cfg.input.rstrip("/"),

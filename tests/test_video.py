@@ -395,3 +395,14 @@ def test_videos_from_s3(ray_local, s3_storage, s3fs_client, tmp_path):
     assert sorted(r.frame for r in rows) == [0, 10, 20, 30] and all(r.uri == uri for r in rows)
     assert all(r.detections and r.error is None for r in rows)
     assert vsum.column("frames_decoded").to_pylist() == [40] and summary.video.segments == 3
+    assert summary.video.segments_resumed == 0
+
+    # a re-run resumes: every segment file is there, nothing is decoded or written again
+    again = run_job(cfg)
+    assert again.video.segments_resumed == 3 and "resumed: 3 segments" in again.line()
+    frames2, vsum2 = read_video_output(f"{bucket}/out", s3fs_client)
+    assert frames2.sort_by("frame").equals(frames.sort_by("frame"))
+    assert vsum2.equals(vsum)  # the counters (timings too) come from the segment files
+    # other video settings into the same output are refused, naming what differs
+    with pytest.raises(FileExistsError, match="video: .*'fps': 1.0.* then, .*'fps': 2.0"):
+        run_job(cfg.model_copy(update={"video": VideoConfig(segment_s=1.5, fps=2)}))

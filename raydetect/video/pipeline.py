@@ -19,6 +19,7 @@ folders with ``pyarrow.dataset.dataset(OUTPUT, ignore_prefixes=[".", "_", "video
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import re
 import time
@@ -29,6 +30,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from raydetect import shards as sh
 from raydetect.config import DetectorConfig, JobConfig, StorageConfig, VideoConfig
 from raydetect.storage import filesystem, full_url
 from raydetect.types import VIDEO_SUMMARY_SCHEMA, frame_results_to_table
@@ -64,8 +66,10 @@ SEGMENT_STATS_SCHEMA = pa.schema(
         ("model_sha256", pa.string()),
         ("engine", pa.string()),
         ("precision", pa.string()),
+        ("resumed", pa.bool_()),
     ]
 )
+SEGMENT_META_KEY = b"raydetect.video_segment"
 
 
 def frames_file_name(uri: str, segment: int) -> str:
@@ -116,32 +120,41 @@ class VideoSegmentDetector:
         return pa.Table.from_pylist(stats, schema=SEGMENT_STATS_SCHEMA)
 
     def run(self, task: SegmentTask) -> dict[str, Any]:
+        name = frames_file_name(task.uri, task.segment.index)
+        path = f"{self.frames_dir}/{name}"
+        done = read_segment_stats(self.out_fs, path)
+        if done is not None:  # written by an earlier run of the same job (the manifest says so)
+            return {**done, "resumed": True}
         outcome = detect_segment(self.detector, task, self.video, self.storage, decoder=self.decoder)
         ident = {
             "model_sha256": self.detector.card.sha256,
             "engine": self.detector.engine.name,
             "precision": self.detector.engine.precision,
         }
+        stats = {**outcome.stats, "file": name, **ident, "resumed": False}
         table = frame_results_to_table(outcome.rows, **ident)
-        name = frames_file_name(task.uri, task.segment.index)
-        write_table_atomic(self.out_fs, f"{self.frames_dir}/{name}", table)
-        return {**outcome.stats, "file": name, **ident}
+        table = table.replace_schema_metadata({SEGMENT_META_KEY: json.dumps(stats)})
+        sh.write_bytes_atomic(self.out_fs, path, sh.table_to_parquet_bytes(table))
+        return stats
 
 
-def write_table_atomic(fs, path: str, table: pa.Table) -> None:
-    """Write ``table`` so that readers never see a partial file (object stores: one PUT;
-    local files: write a hidden temporary, then rename)."""
-    from raydetect.storage import is_remote_fs
+def read_segment_stats(fs, path: str) -> dict[str, Any] | None:
+    """The counters stored in a segment's frames file, or None when there is no complete file."""
+    if not fs.exists(path):
+        return None
+    try:
+        with fs.open(path, "rb") as f:
+            meta = pq.read_schema(f).metadata or {}
+        return json.loads(meta[SEGMENT_META_KEY])
+    except Exception as e:  # unreadable or foreign file: compute the segment again
+        log.warning("ignoring %s: %s", path, e)
+        return None
 
-    if is_remote_fs(fs):
-        with fs.open(path, "wb") as f:
-            pq.write_table(table, f)
-        return
-    directory, name = path.rsplit("/", 1)
-    tmp = f"{directory}/.{name}.tmp"
-    with fs.open(tmp, "wb") as f:
-        pq.write_table(table, f)
-    fs.mv(tmp, path)
+
+def video_settings(video: VideoConfig) -> dict[str, Any]:
+    """The video options that change the results (recorded in the job manifest: resuming with
+    other values is refused). The decoder choice is left out: CPU and NVDEC decode the same frames."""
+    return video.model_dump(mode="json", exclude={"decoder"})
 
 
 def _plan_rows(row: dict[str, Any], video: VideoConfig, storage: StorageConfig) -> list[dict[str, Any]]:
@@ -212,6 +225,7 @@ def summarize_videos(segment_rows: list[dict[str, Any]]) -> pa.Table:
 class VideoJobSummary:
     videos: int
     segments: int
+    segments_resumed: int
     frames_decoded: int
     frames_processed: int
     frames_skipped: int
@@ -230,6 +244,7 @@ class VideoJobSummary:
             f"{self.frames_decoded} frames decoded ({fps:.1f}/s), {self.frames_processed} processed, "
             f"{self.frames_skipped} skipped by the gate, {self.detections} detections, {self.errors} errors "
             f"-> {self.frames_output}"
+            + (f" (resumed: {self.segments_resumed} segments were done already)" if self.segments_resumed else "")
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -250,11 +265,12 @@ def run_video_job(cfg: JobConfig, in_fs, paths: list[str]) -> VideoJobSummary:
     out_fs, out_path = filesystem(out, cfg.detector.storage)
     summary_dir = f"{out_path}/{SUMMARY_DIR}"
     out_fs.makedirs(summary_dir, exist_ok=True)
-    write_table_atomic(out_fs, f"{summary_dir}/summary.parquet", table)
+    sh.write_bytes_atomic(out_fs, f"{summary_dir}/summary.parquet", sh.table_to_parquet_bytes(table))
     col = table.to_pydict()
     return VideoJobSummary(
         videos=table.num_rows,
         segments=len(segment_rows),
+        segments_resumed=sum(1 for r in segment_rows if r["resumed"]),
         frames_decoded=sum(col["frames_decoded"]),
         frames_processed=sum(col["frames_processed"]),
         frames_skipped=sum(col["frames_skipped"]),
