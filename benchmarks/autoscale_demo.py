@@ -10,8 +10,8 @@ The job asks for ``num_gpus=1`` per detector actor with an autoscaling actor poo
 ``ActorPoolStrategy(min_size=1, max_size=2)``; the autoscaler launches worker nodes for the
 pending actors and terminates them ``idle_timeout_minutes`` after the job has finished.
 
-The cluster runs in its own process group and temp dir (stopped by killing that group, never
-with `ray stop`, which would stop every Ray instance on the machine).
+The cluster runs in its own session and temp dir and is stopped by signalling that session's
+processes (never with `ray stop`, which would stop every Ray instance on the machine).
 """
 
 from __future__ import annotations
@@ -21,9 +21,7 @@ import json
 import logging
 import os
 import shutil
-import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -90,7 +88,7 @@ class NodeWatcher(threading.Thread):
         self.t0, self.period_s = t0, period_s
         self.samples: list[dict] = []
         self.phase = "start"
-        self._stop = threading.Event()
+        self._halt = threading.Event()
 
     def sample(self) -> dict:
         import ray
@@ -108,15 +106,15 @@ class NodeWatcher(threading.Thread):
         }
 
     def run(self) -> None:
-        while not self._stop.is_set():
+        while not self._halt.is_set():
             try:
                 self.samples.append(self.sample())
             except Exception as e:  # a sample may fail while a node is leaving
                 self.samples.append({"t": round(time.time() - self.t0, 1), "phase": self.phase, "error": str(e)})
-            self._stop.wait(self.period_s)
+            self._halt.wait(self.period_s)
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()
         self.join(timeout=10)
 
 
@@ -130,24 +128,9 @@ def changes(samples: list[dict]) -> list[dict]:
     return out
 
 
-def stop_group(pgid: int, grace_s: float = 20.0) -> None:
-    try:
-        os.killpg(pgid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.time() + grace_s
-    while time.time() < deadline:
-        try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.5)
-    os.killpg(pgid, signal.SIGKILL)
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--images", type=int, default=60, help="images in the job (copies of the sample photos)")
+    ap.add_argument("--images", type=int, default=100, help="images in the job (copies of the sample photos)")
     ap.add_argument("--max-gpu-workers", type=int, default=2)
     ap.add_argument("--idle-minutes", type=float, default=0.25, help="autoscaler idle timeout")
     ap.add_argument("--wait-down-s", type=float, default=180, help="max wait for the nodes to be removed")
@@ -163,19 +146,20 @@ def main() -> int:
         p = photos[i % len(photos)]
         shutil.copy(p, src / f"{i:04d}-{p.name}")
 
+    os.environ["RAY_AUTH_MODE"] = "token"  # before importing ray: it reads the mode once
     import ray
+
+    from raydetect.local_cluster import start_head, stop_session
 
     port = free_port()
     node_ip = ray._private.services.get_node_ip_address()
     cfg_path = work / "fake.yaml"
     cfg_path.write_text(json.dumps(fake_cluster_config(f"{node_ip}:{port}", args.max_gpu_workers, args.idle_minutes)))
-    env = {**os.environ, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1", "RAY_AUTH_MODE": "token"}
-    os.environ["RAY_AUTH_MODE"] = "token"
-    cmd = ["ray", "start", "--head", "--block", f"--port={port}", "--num-cpus=1", "--num-gpus=0",
+    env = {**os.environ, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}
+    cmd = [f"--port={port}", "--num-cpus=1", "--num-gpus=0",
            f"--object-store-memory={300 * MB}", f"--autoscaling-config={cfg_path}", f"--temp-dir={work / 'ray'}",
            "--include-dashboard=false", "--disable-usage-stats"]
-    head_log = open(work / "head.log", "w")
-    head = subprocess.Popen(cmd, env=env, stdout=head_log, stderr=subprocess.STDOUT, start_new_session=True)
+    head = start_head(cmd, env=env, log=work / "head.log")
     t0 = time.time()
     watcher = None
     result: dict = {"command": "python benchmarks/autoscale_demo.py " + " ".join(sys.argv[1:]),
@@ -232,16 +216,18 @@ def main() -> int:
                  "seconds": round(summary.seconds, 1), "images_per_s": round(summary.images_per_s, 2),
                  "detections": summary.detections, "errors": summary.errors, "summary": summary.line()},
             first_gpu_node_at_s=added, peak_gpu_nodes=peak, all_gpu_nodes_removed_at_s=removed,
+            peak_gpus_in_use=max((s["gpus_in_use"] for s in samples if "gpus_in_use" in s), default=0),
             nodes_added=peak > 0, nodes_removed=removed is not None,
             changes=changes(samples), samples=samples,
         )
     finally:
-        if watcher is not None and watcher.is_alive():
-            watcher.stop()
-        ray.shutdown()
-        stop_group(head.pid)
-        head.wait(timeout=60)
-        head_log.close()
+        try:
+            if watcher is not None and watcher.is_alive():
+                watcher.stop()
+            ray.shutdown()
+        finally:
+            stop_session(head.pid)
+            head.wait(timeout=60)
         shutil.rmtree(work, ignore_errors=True)
 
     out = Path(args.out)
@@ -258,7 +244,8 @@ def main() -> int:
         "",
         f"- job started at {result['job']['started_at_s']} s, finished at {result['job']['finished_at_s']} s: "
         f"{result['job']['summary']}",
-        f"- first GPU node up at {result['first_gpu_node_at_s']} s; peak {result['peak_gpu_nodes']} GPU nodes",
+        f"- first GPU node up at {result['first_gpu_node_at_s']} s; peak {result['peak_gpu_nodes']} GPU nodes, "
+        f"at most {result['peak_gpus_in_use']} GPUs held by detector actors at once",
         f"- all GPU nodes removed at {result['all_gpu_nodes_removed_at_s']} s",
         "",
         "| t (s) | phase | nodes | GPU nodes | GPUs in use |",

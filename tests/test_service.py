@@ -2,8 +2,8 @@
 submit` of jobs/detect.py against a local S3 server, Ray metrics from the detector actors, and
 exactly-once output after detector actors and then the driver are killed mid-job.
 
-The cluster is started in its own process group and temp dir, and stopped by killing that group
-(not `ray stop`, which would stop every Ray instance on the machine)."""
+The cluster is started in its own session and temp dir, and stopped by signalling that session's
+processes (not `ray stop`, which would stop every Ray instance on the machine)."""
 
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from raydetect.local_cluster import start_head, stop_session
 from tests.conftest import MODELS, REPO, S3_KEY, S3_SECRET, free_port, photo_paths
 
 MODEL = MODELS / "yolov8n-random.onnx"
@@ -45,40 +46,18 @@ class Head:
         return {**os.environ, **AUTH_ENV, **extra}
 
 
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-
-
-def _stop_group(pgid: int, grace_s: float = 15.0) -> None:
-    """SIGTERM the cluster's process group, then SIGKILL what is left."""
-    try:
-        os.killpg(pgid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.time() + grace_s
-    while time.time() < deadline and _group_alive(pgid):
-        time.sleep(0.5)
-    if _group_alive(pgid):
-        os.killpg(pgid, signal.SIGKILL)
-
-
 @pytest.fixture(scope="module")
 def ray_head():
     temp = tempfile.mkdtemp(prefix="rdsvc", dir="/tmp")  # short: Ray's socket paths are limited
     gcs, dash, metrics = free_port(), free_port(), free_port()
     log = Path(temp) / "ray-start.log"
     cmd = [
-        "ray", "start", "--head", "--block", f"--port={gcs}", "--num-cpus=2", "--num-gpus=0",
+        f"--port={gcs}", "--num-cpus=2", "--num-gpus=0",
         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true",
         f"--metrics-export-port={metrics}", f"--temp-dir={temp}", "--disable-usage-stats",
     ]
     env = {**os.environ, **AUTH_ENV, "RAY_metrics_report_interval_ms": "2000"}
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = start_head(cmd, env=env, log=log)
     head = Head(f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dash}", f"http://127.0.0.1:{metrics}/metrics", proc, log)
     try:
         deadline = time.time() + 180
@@ -94,7 +73,7 @@ def ray_head():
             time.sleep(2)
         yield head
     finally:
-        _stop_group(proc.pid)
+        stop_session(proc.pid)
         proc.wait(timeout=30)
         shutil.rmtree(temp, ignore_errors=True)
 
