@@ -7,13 +7,13 @@ what ``deploy/grafana-dashboard.json`` charts:
 =================================  =========  =================================================
 name                               kind       meaning
 =================================  =========  =================================================
-raydetect_images                   counter    image rows produced
-raydetect_frames                   counter    video frame rows produced
-raydetect_detections               counter    boxes produced
-raydetect_errors                   counter    rows with ``error`` set
-raydetect_batch_latency_s          histogram  seconds per detector call (decode+infer+NMS)
-raydetect_batch_images             histogram  rows per detector call
-raydetect_gpu_memory_bytes         gauge      peak CUDA memory allocated by torch in the actor
+raydetect_job_images                   counter    image rows produced
+raydetect_job_frames                   counter    video frame rows produced
+raydetect_job_detections               counter    boxes produced
+raydetect_job_errors                   counter    rows with ``error`` set
+raydetect_job_batch_latency_s          histogram  seconds per detector call (decode+infer+NMS)
+raydetect_job_batch_images             histogram  rows per detector call
+raydetect_job_gpu_memory_bytes         gauge      peak CUDA memory allocated by torch in the actor
 =================================  =========  =================================================
 
 Every series carries the tag ``job`` (the job's output URL), so one dashboard shows many jobs.
@@ -73,16 +73,16 @@ class JobMetrics:
         tags = ("job",)
         self.tags = {"job": job}
         self.counters = {
-            "images": Counter("raydetect_images", "Image rows produced", tag_keys=tags),
-            "frames": Counter("raydetect_frames", "Video frame rows produced", tag_keys=tags),
-            "detections": Counter("raydetect_detections", "Boxes produced", tag_keys=tags),
-            "errors": Counter("raydetect_errors", "Rows with an error", tag_keys=tags),
+            "images": Counter("raydetect_job_images", "Image rows produced", tag_keys=tags),
+            "frames": Counter("raydetect_job_frames", "Video frame rows produced", tag_keys=tags),
+            "detections": Counter("raydetect_job_detections", "Boxes produced", tag_keys=tags),
+            "errors": Counter("raydetect_job_errors", "Rows with an error", tag_keys=tags),
         }
         self.latency = Histogram(
-            "raydetect_batch_latency_s", "Seconds per detector call", LATENCY_BOUNDARIES, tag_keys=tags
+            "raydetect_job_batch_latency_s", "Seconds per detector call", LATENCY_BOUNDARIES, tag_keys=tags
         )
-        self.batch = Histogram("raydetect_batch_images", "Rows per detector call", SIZE_BOUNDARIES, tag_keys=tags)
-        self.gpu_memory = Gauge("raydetect_gpu_memory_bytes", "Peak CUDA memory allocated by torch", tag_keys=tags)
+        self.batch = Histogram("raydetect_job_batch_images", "Rows per detector call", SIZE_BOUNDARIES, tag_keys=tags)
+        self.gpu_memory = Gauge("raydetect_job_gpu_memory_bytes", "Peak CUDA memory allocated by torch", tag_keys=tags)
 
     def record(self, table: pa.Table, seconds: float) -> dict[str, int]:
         counts = batch_counts(table)

@@ -148,15 +148,15 @@ def test_ray_job_submit_against_s3(ray_head, s3_server, s3fs_client, tmp_path):
     # the detector actors' counters reach the node's Prometheus endpoint
     deadline, images = time.time() + 60, None
     while time.time() < deadline:
-        images = metric_value(scrape(ray_head.metrics), "ray_raydetect_images_total", output)
+        images = metric_value(scrape(ray_head.metrics), "ray_raydetect_job_images_total", output)
         if images == len(inputs):
             break
         time.sleep(2)
     text = scrape(ray_head.metrics)
     assert images == len(inputs), [ln for ln in text.splitlines() if "raydetect" in ln][:20]
-    assert metric_value(text, "ray_raydetect_errors_total", output) == 1
-    assert metric_value(text, "ray_raydetect_detections_total", output) == report["detections"]
-    assert metric_value(text, "ray_raydetect_batch_latency_s_count", output) >= 2
+    assert metric_value(text, "ray_raydetect_job_errors_total", output) == 1
+    assert metric_value(text, "ray_raydetect_job_detections_total", output) == report["detections"]
+    assert metric_value(text, "ray_raydetect_job_batch_latency_s_count", output) >= 2
 
     # submitting the same job again resumes: every shard is done, nothing is rewritten
     before = {p: s3fs_client.info(p)["LastModified"] for p in s3fs_client.glob(f"{bucket}/out/run1/part-*")}
