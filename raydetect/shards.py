@@ -309,8 +309,17 @@ class ShardWriter:
             seen.add(path)
             groups.setdefault(i, []).append(row)
         completed = []
-        for i, rows in groups.items():
-            self._rows.setdefault(i, []).append(table.take(pa.array(rows, type=pa.int64())))
+        if len(groups) == 1 and len(next(iter(groups.values()))) == table.num_rows:
+            parts = {next(iter(groups)): table}  # the usual case: the whole batch is one shard's
+        else:  # one take puts the rows in shard order; each shard gets a zero-copy slice
+            order = [r for rows in groups.values() for r in rows]
+            reordered = table.take(pa.array(order, type=pa.int64()))
+            parts, offset = {}, 0
+            for i, rows in groups.items():
+                parts[i] = reordered.slice(offset, len(rows))
+                offset += len(rows)
+        for i, part in parts.items():
+            self._rows.setdefault(i, []).append(part)
             if len(self._seen[i]) == len(self.shards[i].paths):
                 self._flush(i)
                 completed.append(self.shards[i].id)

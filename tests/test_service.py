@@ -102,6 +102,17 @@ def metric_value(text: str, name: str, job: str) -> float | None:
     return total
 
 
+def submit(cmd: list[str], head: Head) -> subprocess.CompletedProcess:
+    """`ray job submit`, retried while the head's job agent is still starting (it answers
+    "No available agent to submit job, please try again later")."""
+    for _ in range(20):
+        proc = subprocess.run(cmd, cwd=REPO, env=head.env(), capture_output=True, text=True, timeout=600)
+        if proc.returncode == 0 or "No available agent" not in proc.stdout + proc.stderr:
+            return proc
+        time.sleep(3)
+    return proc
+
+
 def test_ray_job_submit_against_s3(ray_head, s3_server, s3fs_client, tmp_path):
     bucket = "svc"
     if not s3fs_client.exists(bucket):
@@ -127,7 +138,7 @@ def test_ray_job_submit_against_s3(ray_head, s3_server, s3fs_client, tmp_path):
         "--output", output, "--conf", "0.0001", "--batch-size", "4", "--shard-size", "3",
         "--engine", "onnxruntime", "--threads", "1", "--no-progress",
     ]
-    proc = subprocess.run(cmd, cwd=REPO, env=ray_head.env(), capture_output=True, text=True, timeout=600)
+    proc = submit(cmd, ray_head)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert re.search(rf"raydetect: {len(inputs)} images in .* 1 errors -> {output}", proc.stdout), proc.stdout[-3000:]
     assert "succeeded" in proc.stdout
@@ -160,7 +171,7 @@ def test_ray_job_submit_against_s3(ray_head, s3_server, s3fs_client, tmp_path):
 
     # submitting the same job again resumes: every shard is done, nothing is rewritten
     before = {p: s3fs_client.info(p)["LastModified"] for p in s3fs_client.glob(f"{bucket}/out/run1/part-*")}
-    proc = subprocess.run(cmd, cwd=REPO, env=ray_head.env(), capture_output=True, text=True, timeout=600)
+    proc = submit(cmd, ray_head)
     assert proc.returncode == 0, proc.stdout[-3000:]
     assert "resumed: 3 of 3 shards were done already, 0 images run now" in proc.stdout
     after = {p: s3fs_client.info(p)["LastModified"] for p in s3fs_client.glob(f"{bucket}/out/run1/part-*")}
