@@ -18,7 +18,9 @@ the CPU and TensorRT can build its INT8 engine from it. Steps:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import logging
 import os
@@ -49,7 +51,7 @@ FLOAT_TAIL_RULE = (
     "float-tail: walking back from the graph output, every node up to and including the first "
     "Conv on each path (the last Conv of each head branch) stays float; a Conv fed by a Softmax "
     "(the DFL integral) is walked through, so the DFL Softmax/Conv and the box/class decode "
-    "arithmetic stay float too"
+    "arithmetic stay float too; Shape/Size nodes end a path (they read shapes, not values)"
 )
 
 
@@ -70,12 +72,16 @@ class QuantizeConfig(BaseModel):
     exclude: tuple[str, ...] = Field((), description="Extra node names kept in float")
     float_tail: bool = Field(True, description="Keep the head's final convs and the decode in float")
     per_channel: bool = True
-    activations: Literal["int8", "uint8"] = Field(
-        "int8",
-        description="int8: symmetric activations (TensorRT-compatible QDQ, ORT converts them for "
-        "x86 kernels); uint8: asymmetric activations (ORT CPU only)",
+    activations: Literal["uint8", "int8"] = Field(
+        "uint8",
+        description="uint8: asymmetric activations, what ONNX Runtime's x86 CPU kernels fuse into "
+        "QLinearConv (u8s8); int8: symmetric activations, the QDQ form TensorRT builds INT8 engines "
+        "from (ONNX Runtime 1.32 on x86 runs it unfused, slower than FP32)",
     )
-    reduce_range: bool = Field(False, description="7-bit weights (avoids u8s8 saturation on AVX2)")
+    reduce_range: bool = Field(
+        True, description="7-bit weights: avoids u8s8 saturation on x86 CPUs without VNNI (AVX2)"
+    )
+    compact_names: bool = Field(True, description="Short names for the inserted Q/DQ nodes (smaller file)")
     seed: int = Field(0, ge=0, description="Seed of the calibration image selection")
     allow_fewer: bool = Field(False, description="Proceed (with a warning) when fewer images are usable")
     min_images: int = Field(8, ge=1, description="Fewest usable images allow_fewer accepts")
@@ -207,6 +213,8 @@ def float_tail_nodes(model: onnx.ModelProto) -> list[str]:
             src = producer.get(node.input[0])
             if src is None or src.op_type != "Softmax":
                 continue  # the last conv of a branch: stop here
+        if node.op_type in ("Shape", "Size"):
+            continue  # reads only the shape (dynamic-shape anchor grids), not the values
         stack.extend(i for i in node.input if i)
     return [n.name for n in model.graph.node if n.name in tail]
 
@@ -282,7 +290,10 @@ class CalibrationTable:
 
 
 def _f32(v: Any) -> float:
-    return float(np.float32(v))
+    a = np.asarray(v, dtype=np.float32).reshape(-1)
+    if a.size != 1:
+        raise CalibrationError(f"expected one value per tensor (per-tensor ranges), got shape {np.shape(v)}")
+    return float(a[0])
 
 
 def save_table(table: CalibrationTable, path: str, storage: StorageConfig | None = None) -> None:
@@ -351,11 +362,12 @@ def calibrate(
     )
     n = 0
     t0 = time.perf_counter()
-    for x in calib.tensors(card.imgsz, batch, max_pixels, max_bytes):
-        calibrator.collect_data(_ListReader([{card.input_name: x}]))
-        n += len(x)
-        log.debug("calibrated %d/%d images", n, len(calib.files))
-    tensors = calibrator.compute_data()
+    with contextlib.redirect_stdout(io.StringIO()):  # the histogram collector print()s progress
+        for x in calib.tensors(card.imgsz, batch, max_pixels, max_bytes):
+            calibrator.collect_data(_ListReader([{card.input_name: x}]))
+            n += len(x)
+            log.debug("calibrated %d/%d images", n, len(calib.files))
+        tensors = calibrator.compute_data()
     log.info("calibration (%s) on %d images took %.1f s", method, n, time.perf_counter() - t0)
     ranges = {k: (_f32(v.range_value[0]), _f32(v.range_value[1])) for k, v in tensors.items()}
     digest = hashlib.sha256()
@@ -400,13 +412,17 @@ def quantize_from_table(
     *,
     exclude: Sequence[str],
     per_channel: bool = True,
-    activations: str = "int8",
-    reduce_range: bool = False,
+    activations: str = "uint8",
+    reduce_range: bool = True,
+    compact_names: bool = True,
     workdir: str,
     metadata: dict[str, str] | None = None,
+    quant_format: str = "QDQ",
+    op_types: Sequence[str] | None = None,
 ) -> None:
     """Write the QDQ model for ``card`` quantized with the ranges of ``table`` to the local
-    file ``out_path``; ``exclude`` nodes stay float."""
+    file ``out_path``; ``exclude`` nodes stay float. ``quant_format`` "QOperator" and a
+    restricted ``op_types`` exist for comparisons (benchmarks/int8_variants.py)."""
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static, save_tensors_data
 
     if table.model_sha256 != card.sha256:
@@ -421,28 +437,88 @@ def quantize_from_table(
         os.remove(cache)
     save_tensors_data(table.tensors_data(), cache)
     act = QuantType.QInt8 if activations == "int8" else QuantType.QUInt8
-    quantize_static(
-        model_path,
-        out_path,
-        calibration_data_reader=None,
-        calibration_cache_path=cache,
-        quant_format=QuantFormat.QDQ,
-        per_channel=per_channel,
-        reduce_range=reduce_range,
-        activation_type=act,
-        weight_type=QuantType.QInt8,
-        nodes_to_exclude=list(exclude),
-        calibrate_method=table.tensors_data().calibration_method,
-        extra_options={"ActivationSymmetric": activations == "int8", "WeightSymmetric": True},
-    )
+    with _quiet_preprocess_advice():
+        quantize_static(
+            model_path,
+            out_path,
+            calibration_data_reader=None,
+            calibration_cache_path=cache,
+            quant_format=QuantFormat.QDQ if quant_format == "QDQ" else QuantFormat.QOperator,
+            op_types_to_quantize=list(op_types) if op_types else None,
+            per_channel=per_channel,
+            reduce_range=reduce_range,
+            activation_type=act,
+            weight_type=QuantType.QInt8,
+            nodes_to_exclude=list(exclude),
+            calibrate_method=table.tensors_data().calibration_method,
+            extra_options={"ActivationSymmetric": activations == "int8", "WeightSymmetric": True},
+        )
+    m = onnx.load_model(out_path)
+    if compact_names:
+        compact_qdq_names(m)
     if metadata:
-        m = onnx.load_model(out_path)
         props = {p.key: p.value for p in m.metadata_props}
         props.update(metadata)
         del m.metadata_props[:]
         for k, v in props.items():
             m.metadata_props.add(key=k, value=v)
-        onnx.save_model(m, out_path)
+    onnx.save_model(m, out_path)
+
+
+@contextlib.contextmanager
+def _quiet_preprocess_advice():
+    """quantize_static logs "consider pre-processing" twice on the root logger; the YOLO exports
+    are already simplified (onnxsim), so keep that advice out of the user's output."""
+
+    def drop(record: logging.LogRecord) -> bool:
+        return "pre-process" not in record.getMessage()
+
+    root = logging.getLogger()
+    root.addFilter(drop)
+    try:
+        yield
+    finally:
+        root.removeFilter(drop)
+
+
+def compact_qdq_names(model: onnx.ModelProto) -> int:
+    """Give the QuantizeLinear/DequantizeLinear nodes the quantizer inserted, their outputs and the
+    initializers only they read (scales, zero points, quantized weights) short names (``q12``,
+    ``q12_s``…). The computation is unchanged, original tensor names stay (the calibration table
+    refers to them); the names alone are ~4 % of a YOLOv8n INT8 file. Returns bytes saved."""
+    g = model.graph
+    before = model.ByteSize()
+    qdq = [n for n in g.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    qdq_ids = {id(n) for n in qdq}
+    protected = {o.name for o in g.output} | {i.name for i in g.input}
+    readers: dict[str, set[int]] = {}
+    for n in g.node:
+        for i in n.input:
+            readers.setdefault(i, set()).add(id(n))
+    inits = {t.name for t in g.initializer}
+    rename: dict[str, str] = {}
+    for k, n in enumerate(qdq):
+        n.name = f"q{k}"
+        for j, o in enumerate(n.output):
+            if o not in protected:
+                rename[o] = f"q{k}" if j == 0 else f"q{k}_{j}"
+        for j, i in enumerate(n.input):
+            if i in inits and i not in rename and i not in protected and readers.get(i, set()) <= qdq_ids:
+                rename[i] = f"q{k}_" + "wsz"[j] if j < 3 else f"q{k}_i{j}"
+    for n in g.node:
+        for j, i in enumerate(n.input):
+            if i in rename:
+                n.input[j] = rename[i]
+        for j, o in enumerate(n.output):
+            if o in rename:
+                n.output[j] = rename[o]
+    for t in g.initializer:
+        if t.name in rename:
+            t.name = rename[t.name]
+    for v in g.value_info:
+        if v.name in rename:
+            v.name = rename[v.name]
+    return before - model.ByteSize()
 
 
 @dataclass
@@ -529,12 +605,9 @@ def quantize(cfg: QuantizeConfig | dict[str, Any]) -> QuantizeReport:
     dataset = None
     fp32 = None
     if cfg.eval_data:
-        from raydetect.evaluate import evaluate_model, load_dataset
+        from raydetect.evaluate import load_dataset
 
-        dataset = load_dataset(cfg.eval_data, cfg.eval_split, storage)
-        fp32 = evaluate_model(cfg.model, dataset, engine="onnxruntime", limit=cfg.eval_limit,
-                              seed=cfg.seed, threads=cfg.threads, storage=storage)
-        log.info("FP32: %s", fp32.line())
+        dataset = load_dataset(cfg.eval_data, cfg.eval_split, storage)  # fail early on a bad set
 
     methods = [cfg.method] + [m for m in METHODS if m != cfg.method] if cfg.try_methods else [cfg.method]
     table_path = cfg.table or _sibling(cfg.out, ".calib.json")
@@ -551,6 +624,7 @@ def quantize(cfg: QuantizeConfig | dict[str, Any]) -> QuantizeReport:
             quantize_from_table(
                 card, table, out_local, exclude=exclusions, per_channel=cfg.per_channel,
                 activations=cfg.activations, reduce_range=cfg.reduce_range, workdir=work,
+                compact_names=cfg.compact_names,
                 metadata=_provenance(cfg, method, exclusions, table),
             )
             att = Attempt(method=method, table=None)
@@ -558,6 +632,10 @@ def quantize(cfg: QuantizeConfig | dict[str, Any]) -> QuantizeReport:
             if dataset is not None:
                 from raydetect.evaluate import evaluate_model
 
+                if fp32 is None:
+                    fp32 = evaluate_model(cfg.model, dataset, engine="onnxruntime", limit=cfg.eval_limit,
+                                          seed=cfg.seed, threads=cfg.threads, storage=storage)
+                    log.info("FP32: %s", fp32.line())
                 int8 = evaluate_model(out_local, dataset, engine="onnxruntime", limit=cfg.eval_limit,
                                       seed=cfg.seed, threads=cfg.threads, storage=storage)
                 att.int8_map50, att.int8_map50_95 = int8.map50, int8.map50_95
@@ -639,6 +717,7 @@ def _provenance(cfg: QuantizeConfig, method: str, exclusions: list[str], table: 
                 "per_channel": cfg.per_channel,
                 "activations": cfg.activations,
                 "reduce_range": cfg.reduce_range,
+                "compact_names": cfg.compact_names,
                 "exclusions": exclusions,
                 "calibration_images": len(table.images),
                 "calibration_seed": cfg.seed,
@@ -670,10 +749,12 @@ def add_cli(sub) -> None:
     p.add_argument("--exclude", nargs="+", default=[], metavar="NODE", help="more node names to keep in float")
     p.add_argument("--no-float-tail", action="store_true",
                    help="quantize the head's final convs and the DFL/decode too (not recommended)")
-    p.add_argument("--activations", default="int8",
-                   help="int8 (symmetric, TensorRT-compatible; default) | uint8 (asymmetric, ORT CPU)")
+    p.add_argument("--activations", default="uint8",
+                   help="uint8 (asymmetric; fast on ONNX Runtime CPU; default) | int8 (symmetric; the QDQ "
+                        "form TensorRT builds INT8 engines from)")
     p.add_argument("--per-tensor-weights", action="store_true", help="per-tensor instead of per-channel weights")
-    p.add_argument("--reduce-range", action="store_true", help="7-bit weights")
+    p.add_argument("--no-reduce-range", action="store_true",
+                   help="8-bit weights (default 7-bit: u8s8 saturates on x86 CPUs without VNNI)")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration image choice (default 0)")
     p.add_argument("--allow-fewer", action="store_true",
                    help="proceed with a warning when fewer usable images than --images are found")
@@ -705,7 +786,7 @@ def _cli(args) -> int:
             "float_tail": not args.no_float_tail,
             "per_channel": not args.per_tensor_weights,
             "activations": args.activations,
-            "reduce_range": args.reduce_range,
+            "reduce_range": not args.no_reduce_range,
             "seed": args.seed,
             "allow_fewer": args.allow_fewer,
             "calib_batch": args.calib_batch,
