@@ -40,6 +40,7 @@ class JobSummary:
     shards: int = 0  # shards of the image inputs
     shards_skipped: int = 0  # of those, done by an earlier run (resumed)
     duplicates_dropped: int = 0  # repeated rows from retried tasks, not written
+    write_s: float = 0.0  # driver time spent writing part files (part of seconds)
     report: str | None = None  # OUTPUT/_report/report.json when written
 
     @property
@@ -204,6 +205,7 @@ def run_job(cfg: JobConfig, *, overwrite: bool = False) -> JobSummary:
     summary.shards = total_shards
     summary.shards_skipped = total_shards - len(plan.pending)
     summary.duplicates_dropped = stats.duplicates_dropped
+    summary.write_s = stats.write_s
     if videos:  # after the images: summarize() reads the top level of the output only then
         summary.video = run_video_job(cfg, in_fs, videos)
     if cfg.report and files:

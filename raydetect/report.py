@@ -153,6 +153,7 @@ def build_report(summary, timeline, table, samples, plot: str | None, cfg) -> di
         "shards": summary.shards,
         "shards_skipped": summary.shards_skipped,
         "duplicates_dropped": summary.duplicates_dropped,
+        "part_write_s": round(summary.write_s, 3),
         "detections": summary.detections,
         "per_class": class_counts(table) if table is not None else {},
         "errors": summary.errors,
@@ -172,7 +173,8 @@ def to_markdown(rep: dict[str, Any]) -> str:
         f"{rep['shards_skipped']} of {rep['shards']} shards were done before)",
         f"- time: {rep['seconds']} s, {rep['images_per_s']} images/s"
         + (f" (peak bin {rep['peak_bin_images_per_s']} images/s)" if rep["peak_bin_images_per_s"] else ""),
-        f"- detections: {rep['detections']}; errors: {rep['errors']}",
+        f"- detections: {rep['detections']}; errors: {rep['errors']}; "
+        f"part files written by the driver in {rep['part_write_s']} s",
         "",
         "## Detections per class",
         "",
