@@ -406,3 +406,30 @@ def test_videos_from_s3(ray_local, s3_storage, s3fs_client, tmp_path):
     # other video settings into the same output are refused, naming what differs
     with pytest.raises(FileExistsError, match="video: .*'fps': 1.0.* then, .*'fps': 2.0"):
         run_job(cfg.model_copy(update={"video": VideoConfig(segment_s=1.5, fps=2)}))
+
+
+# --- NVDEC (GPU machines with torchcodec only) ------------------------------------------------
+
+
+def _nvdec() -> tuple[bool, str]:
+    from raydetect.video.nvdec import nvdec_availability
+
+    return nvdec_availability()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _nvdec()[0], reason=f"NVDEC not usable here: {_nvdec()[1]}")
+def test_nvdec_gives_the_frames_of_the_cpu_decoder(tmp_path):
+    from raydetect.video.nvdec import iter_segment_frames_nvdec
+
+    path = make_video(tmp_path / "nv.mp4", n=70, fps=10)
+    info = probe_video(str(path))
+    for task in plan_video(str(path), VideoConfig(segment_s=2)):
+        with open_video(str(path)) as (c, s):
+            cpu = [(fr.pts, prev, fr.bgr()) for fr, prev in iter_segment_frames(c, s, task.segment, DecodeStats())]
+        with open(path, "rb") as f:
+            gpu = [(fr.pts, prev, fr.bgr()) for fr, prev in iter_segment_frames_nvdec(
+                f, task.segment, info.time_base, info.frame_pts, info.end_pts, DecodeStats())]
+        assert [(p, q) for p, q, _ in gpu] == [(p, q) for p, q, _ in cpu]
+        for (_, _, a), (_, _, b) in zip(gpu, cpu, strict=True):
+            assert a.shape == b.shape and np.abs(a.astype(int) - b.astype(int)).mean() < 3

@@ -15,6 +15,7 @@ the motion gate's thumbnail is computed on the GPU.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import io
 import math
 import time
@@ -30,6 +31,8 @@ from raydetect.video.segments import Segment
 @functools.lru_cache(maxsize=1)
 def nvdec_availability() -> tuple[bool, str]:
     """``(usable, reason)``; the reason names the missing piece when not usable."""
+    if importlib.util.find_spec("torchcodec") is None:  # checked first: importing torch is slow
+        return False, "torchcodec is not installed"
     try:
         import torch
     except ImportError:
@@ -110,21 +113,22 @@ def iter_segment_frames_nvdec(
         stats.eof = True
         return
     md = dec.metadata
-    stream_end_s = md.end_stream_seconds if md.end_stream_seconds is not None else md.duration_seconds
+    begin_s = float(getattr(md, "begin_stream_seconds", None) or 0.0)
+    stream_end_s = getattr(md, "end_stream_seconds", None) or getattr(md, "duration_seconds", None) or 0.0
     if end_pts is not None:
-        stream_end_s = max(stream_end_s or 0.0, float(end_pts * time_base))
+        stream_end_s = max(stream_end_s, float(end_pts * time_base))
     stats.seconds += time.perf_counter() - t0
 
     def to_pts(seconds: float) -> int:
         return math.floor(Fraction(seconds) / time_base + Fraction(1, 2))
 
     # Start one tick before the segment so the frame playing then (the previous one) is seen.
-    lo = float((segment.start - 1) * time_base) if segment.start is not None else float(md.begin_stream_seconds or 0.0)
+    lo = float((segment.start - 1) * time_base) if segment.start is not None else begin_s
     hi_limit = float(segment.end * time_base) if segment.end is not None else stream_end_s
     prev: int | None = None
     last_seen: int | None = None
     beyond = 0
-    lo = max(lo, float(md.begin_stream_seconds or 0.0))
+    lo = max(lo, begin_s)
     while lo < hi_limit + float(frame_pts * time_base) and beyond == 0:
         hi = lo + chunk_s
         t0 = time.perf_counter()
