@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from raydetect.local_cluster import start_head, stop_session
+from raydetect.local_cluster import session_pids, start_head, stop_session
 from tests.conftest import MODELS, REPO, S3_KEY, S3_SECRET, free_port, photo_paths
 
 MODEL = MODELS / "yolov8n-random.onnx"
@@ -179,14 +179,18 @@ def test_ray_job_submit_against_s3(ray_head, s3_server, s3fs_client, tmp_path):
 
 
 def _detector_actor_pids(head: Head) -> list[int]:
+    """Worker pids of the detector actors (state API, which may lag: an actor already working
+    can still read PENDING_CREATION), limited to processes of this test's cluster."""
     code = (
         "import json; from ray.util.state import list_actors; "
-        f"a = list_actors(address={head.api!r}, filters=[('state', '=', 'ALIVE')], detail=True, limit=1000); "
-        "print(json.dumps([x.pid for x in a if 'MeteredDetector' in (x.class_name or '')]))"
+        f"a = list_actors(address={head.api!r}, detail=True, limit=1000); "
+        "print(json.dumps([x.pid for x in a if 'MeteredDetector' in (x.class_name or '') "
+        "and x.state != 'DEAD' and x.pid]))"
     )
     out = subprocess.run([sys.executable, "-c", code], env=head.env(), capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    mine = set(session_pids(head.proc.pid))
+    return [p for p in json.loads(out.stdout.strip().splitlines()[-1]) if p in mine]
 
 
 def _wait_for(cond, timeout_s: float, what: str, proc: subprocess.Popen | None = None):
@@ -205,7 +209,7 @@ def test_killed_actors_and_driver_then_rerun_gives_exactly_one_row_per_input(ray
     src = tmp_path / "in"
     src.mkdir()
     photos = photo_paths()
-    for k in range(7):  # 49 real photos under distinct names
+    for k in range(15):  # 105 real photos under distinct names
         for p in photos:
             shutil.copy(p, src / f"{k}-{p.name}")
     (src / "z-broken.jpg").write_bytes(b"\xff\xd8 truncated")
@@ -224,8 +228,8 @@ def test_killed_actors_and_driver_then_rerun_gives_exactly_one_row_per_input(ray
         parts = lambda: sorted(out.glob("part-*.parquet"))  # noqa: E731
         _wait_for(lambda: len(parts()) >= 1, 300, "the first part file", driver)
         assert driver.poll() is None, (tmp_path / "driver1.log").read_text()[-3000:]
-        pids = _detector_actor_pids(ray_head)
-        assert pids, "no live detector actor found"
+        pids = _wait_for(lambda: _detector_actor_pids(ray_head), 60, "the detector actors' pids", driver)
+        assert pids and driver.poll() is None, "the job ended before its actors could be killed"
         for pid in pids:  # the detector actors crash mid-job
             os.kill(pid, signal.SIGKILL)
         n_killed_at = len(parts())
