@@ -37,6 +37,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -318,6 +319,7 @@ def main() -> None:
     out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     out.with_suffix(".md").write_text(markdown(result) + "\n")
     print(f"wrote {out.with_suffix('.json')} and .md")
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def markdown(r: dict) -> str:
