@@ -99,6 +99,7 @@ class PreparedBatch:
     geoms: list[Letterbox]  # per row
     sizes: list[tuple[int, int] | None]  # per input: original (height, width)
     errors: list[str | None]  # per input
+    decoder: list[str | None] = field(default_factory=list)  # per input: "nvjpeg", "cpu" or None
     h2d_bytes: int = 0  # bytes this batch uploaded: JPEG bytes for nvJPEG, pixels otherwise
     nvjpeg: int = 0  # images decoded by nvJPEG
     cpu_decoded: int = 0  # images decoded on the CPU (fallbacks and non-JPEG)
@@ -142,16 +143,13 @@ class GpuPreprocessor:
         with ``tensor`` still None; see :meth:`prepare`)."""
         n = len(images)
         decoded: list[torch.Tensor | None] = [None] * n
-        res = PreparedBatch(None, [], [], [None] * n, [None] * n)
+        res = PreparedBatch(None, [], [], [None] * n, [None] * n, [None] * n)
         gpu: list[int] = []
         gpu_bytes: list[bytes] = []
         for i, img in enumerate(images):
             try:
                 if isinstance(img, np.ndarray) and img.ndim in (2, 3):
-                    t = self._upload_cpu(img)
-                    res.cpu_decoded += 1
-                    res.h2d_bytes += t.numel()
-                    decoded[i] = t
+                    decoded[i] = self._cpu(img, res, i)
                     continue
                 data = img if isinstance(img, bytes) else bytes(img)
                 if self.nvjpeg and data.startswith(_JPEG):
@@ -163,10 +161,7 @@ class GpuPreprocessor:
                             gpu.append(i)
                             gpu_bytes.append(data)
                             continue
-                t = self._upload_cpu(data)
-                res.cpu_decoded += 1
-                res.h2d_bytes += t.numel()
-                decoded[i] = t
+                decoded[i] = self._cpu(data, res, i)
             except ImageError as e:
                 res.errors[i] = str(e)
             except Exception as e:  # a decoder bug must not kill the batch
@@ -175,11 +170,10 @@ class GpuPreprocessor:
             for i, t, data in zip(gpu, self._nvjpeg(gpu_bytes, res), gpu_bytes, strict=True):
                 try:
                     if t is None:  # nvJPEG refused it: this image goes through the CPU decoder
-                        t = self._upload_cpu(data)
-                        res.cpu_decoded += 1
-                        res.h2d_bytes += t.numel()
+                        t = self._cpu(data, res, i)
                     else:
                         check_pixels(int(t.shape[2]), int(t.shape[1]), self.max_pixels)
+                        res.decoder[i] = "nvjpeg"
                     decoded[i] = t
                 except ImageError as e:
                     res.errors[i] = str(e)
@@ -189,6 +183,13 @@ class GpuPreprocessor:
             if t is not None:
                 res.sizes[i] = (int(t.shape[1]), int(t.shape[2]))
         return decoded, res
+
+    def _cpu(self, data: bytes | np.ndarray, res: PreparedBatch, i: int) -> torch.Tensor:
+        t = self._upload_cpu(data)
+        res.cpu_decoded += 1
+        res.h2d_bytes += t.numel()
+        res.decoder[i] = "cpu"
+        return t
 
     def _nvjpeg(self, datas: list[bytes], res: PreparedBatch) -> list[torch.Tensor | None]:
         """Batched nvJPEG decode; on failure, one by one, None for those that still fail."""

@@ -1,0 +1,297 @@
+"""GPU path on a real CUDA device: FP32/FP16 torch engine vs ONNX Runtime, CUDA-graph replay vs
+eager, nvJPEG decode vs the CPU decoder (and the per-image CPU fallbacks), letterbox and NMS on
+the GPU, end-to-end detections vs the CPU path, and Ray actors that each see one GPU.
+
+Skipped without torch or without a CUDA device."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("torchvision")
+pytest.importorskip("onnx2torch")
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+import onnxruntime as ort  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+
+from raydetect.config import DetectorConfig, JobConfig  # noqa: E402
+from raydetect.detector import Detector  # noqa: E402
+from raydetect.engines import resolve_engine_name  # noqa: E402
+from raydetect.engines.torch import TorchEngine  # noqa: E402
+from raydetect.gpu_postprocess import batched_postprocess  # noqa: E402
+from raydetect.gpu_preprocess import GpuPreprocessor, letterbox_tensors  # noqa: E402
+from raydetect.job import run_job  # noqa: E402
+from raydetect.model_card import ModelCard  # noqa: E402
+from raydetect.postprocess import postprocess  # noqa: E402
+from raydetect.preprocess import decode_image, letterbox, to_tensor  # noqa: E402
+from tests.conftest import DEFECTS, MODELS, photo_paths  # noqa: E402
+from tests.gpu_helpers import (  # noqa: E402
+    BIG,
+    assert_rows_equal,
+    bad_inputs,
+    expected_error,
+    letterboxed_photos,
+    photo_bytes,
+    rel_err,
+    synthetic_head,
+    variant_jpegs,
+)
+
+STATIC = MODELS / "yolov8n-random.onnx"
+TRAINED = MODELS / "yolov8n-defects.onnx"
+
+
+def gpu_config(model=STATIC, **kw) -> DetectorConfig:
+    kw = {"engine": "torch", "device": "cuda", "batch_size": 16, **kw}
+    return DetectorConfig(model=str(model), **kw)
+
+
+@pytest.fixture(scope="module")
+def card():
+    return ModelCard.load(str(STATIC))
+
+
+@pytest.fixture(scope="module")
+def engines(card):
+    return {p: TorchEngine(card, gpu_config(precision=p)) for p in ("fp32", "fp16")}
+
+
+@pytest.fixture(scope="module")
+def photos_ref(card):
+    x = letterboxed_photos()
+    ref = ort.InferenceSession(card.onnx_bytes, providers=["CPUExecutionProvider"]).run(None, {card.input_name: x})[0]
+    return x, ref
+
+
+def test_raw_head_fp32_and_fp16_vs_onnxruntime(engines, photos_ref):
+    x, ref = photos_ref
+    errs = {}
+    for p, eng in engines.items():
+        out = eng.infer(torch.from_numpy(x).cuda())
+        assert out.is_cuda and out.dtype == torch.float32
+        errs[p] = rel_err(out.cpu().numpy(), ref)
+    print("relative error vs ONNX Runtime FP32:", errs)
+    assert errs["fp32"] <= 1e-4
+    assert errs["fp16"] <= 1e-2
+
+
+def test_cuda_graph_replay_equals_eager(engines, photos_ref):
+    x, _ = photos_ref
+    xs = torch.from_numpy(np.concatenate([x, x, x])).cuda()  # 21 images
+    for p, eng in engines.items():
+        assert eng.graph_error is None, eng.graph_error
+        assert sorted(eng.graphs) == [1, 8, 16]
+        tol = 1e-5 if p == "fp32" else 5e-3
+        for n in (1, 5, 8, 13, 16, 21):  # exact sizes, padded sizes, and more than max_batch
+            got = eng.infer(xs[:n])
+            ref = eng.infer_eager(xs[:n])
+            assert tuple(got.shape) == (n, 84, 8400)
+            assert rel_err(got.cpu().numpy(), ref.cpu().numpy()) <= tol, (p, n)
+
+
+def test_engine_is_safe_from_several_threads(engines, photos_ref):
+    """Static graph buffers + one engine stream + a lock: concurrent callers get their own
+    results (as with a threaded Ray actor)."""
+    x, _ = photos_ref
+    eng = engines["fp16"]
+    inputs = [torch.from_numpy(x[i : i + 3]).cuda() for i in range(4)]
+    expected = [eng.infer(t).cpu() for t in inputs]
+    results: dict[int, list] = {}
+
+    def work(k: int) -> None:
+        s = torch.cuda.Stream()
+        with torch.cuda.stream(s):
+            outs = [eng.infer(inputs[(k + j) % 4]) for j in range(20)]
+            results[k] = [o.cpu() for o in outs]
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for k in range(4):
+        for j, o in enumerate(results[k]):
+            torch.testing.assert_close(o, expected[(k + j) % 4], rtol=0, atol=0)
+
+
+def test_nvjpeg_decode_vs_cpu_decode_and_fallbacks():
+    jpegs = [p.read_bytes() for p in photo_paths() if p.suffix == ".jpg"]  # 1 baseline, 5 progressive
+    webp = [p.read_bytes() for p in photo_paths() if p.suffix == ".webp"]
+    variants = variant_jpegs(jpegs[1])  # 800x445: baseline, progressive, grey | cmyk, exif_rotated, png
+    pp = GpuPreprocessor((640, 640), device="cuda")
+    items = [*jpegs, *variants.values(), *webp]
+    decoded, rep = pp.decode(items)
+    print("nvJPEG:", rep.nvjpeg, "CPU:", rep.cpu_decoded, rep.notes)
+    assert all(e is None for e in rep.errors), rep.errors
+    # CMYK, EXIF-rotated, PNG and WebP never go to nvJPEG; baseline and grey JPEGs do (a JPEG
+    # nvJPEG refuses falls back to the CPU decoder, so progressive ones may take either)
+    assert rep.decoder[len(jpegs) + 3 :] == ["cpu"] * 4
+    assert rep.decoder[len(jpegs)] == rep.decoder[len(jpegs) + 2] == "nvjpeg"
+    assert rep.nvjpeg + rep.cpu_decoded == len(items)
+    stats = []
+    for data, t in zip(items, decoded, strict=True):
+        ref = decode_image(data, BIG, BIG)[..., ::-1].transpose(2, 0, 1)  # the CPU path, as RGB CHW
+        got = t.cpu().numpy()
+        assert got.shape == ref.shape
+        d = np.abs(got.astype(np.int16) - ref.astype(np.int16))
+        stats.append((float(d.mean()), float(np.percentile(d, 99))))
+    print("nvJPEG vs OpenCV (mean |diff|, p99 |diff|) per image:", stats)
+    assert max(m for m, _ in stats) <= 2.0
+    # the accounting: compressed bytes for nvJPEG, pixels for the CPU decodes
+    expect = sum(len(b) if k == "nvjpeg" else t.numel() for b, t, k in zip(items, decoded, rep.decoder, strict=True))
+    assert rep.h2d_bytes == expect
+
+
+def test_gpu_errors_are_the_cpu_paths():
+    good = photo_bytes()[0]
+    bad = bad_inputs(good)
+    pp = GpuPreprocessor((640, 640), device="cuda", max_pixels=5_000_000)
+    res = pp.prepare([good, *bad.values(), good])
+    assert res.rows == [0, len(bad) + 1]
+    for k, img in enumerate(bad.values(), start=1):
+        assert res.errors[k] == expected_error(img, 5_000_000, 64 * 1024 * 1024), k
+
+
+def test_letterbox_on_cuda_matches_cpu():
+    imgs = [decode_image(b, BIG, BIG) for b in photo_bytes()]
+    tens = [torch.from_numpy(np.ascontiguousarray(im[..., ::-1].transpose(2, 0, 1))).cuda() for im in imgs]
+    out, geoms = letterbox_tensors(tens, 640, 640)
+    for k, im in enumerate(imgs):
+        boxed, g = letterbox(im, 640, 640)
+        assert geoms[k] == g
+        assert np.abs(out[k].cpu().numpy() - to_tensor([boxed])[0]).max() <= 1 / 255 + 1e-6
+
+
+@pytest.mark.parametrize("layout", ["yolov8", "yolov5"])
+def test_nms_on_cuda_equals_numpy(layout):
+    pred = synthetic_head(layout, np.random.default_rng(3), b=8)
+    for conf, iou, max_det in [(0.1, 0.5, 300), (0.3, 0.7, 10)]:
+        got = batched_postprocess(torch.from_numpy(pred).cuda(), layout, conf, iou, max_det)
+        for i in range(len(pred)):
+            assert_rows_equal(got[i], postprocess(pred[i], layout, conf, iou, max_det))
+
+
+def _iou(a, b) -> float:
+    iw = max(0.0, min(a.x2, b.x2) - max(a.x1, b.x1))
+    ih = max(0.0, min(a.y2, b.y2) - max(a.y1, b.y1))
+    inter = iw * ih
+    union = (a.x2 - a.x1) * (a.y2 - a.y1) + (b.x2 - b.x1) * (b.y2 - b.y1) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def _matched(got, ref, min_score: float, min_iou: float) -> tuple[int, int]:
+    """(confident reference detections, of those matched by a same-class detection)."""
+    n = m = 0
+    for r in ref:
+        if r.score < min_score:
+            continue
+        n += 1
+        m += any(g.class_id == r.class_id and _iou(g, r) >= min_iou for g in got)
+    return n, m
+
+
+def test_end_to_end_detections_vs_cpu_path():
+    """The trained model on defect images and photos: the GPU path (nvJPEG, GPU letterbox,
+    FP32 and FP16, GPU NMS) finds what the ONNX Runtime CPU path finds."""
+    paths = sorted((DEFECTS / "images" / "test").glob("*.jpg"))[:24] + photo_paths()
+    blobs = [p.read_bytes() for p in paths]
+    cfg = {"model": str(TRAINED), "conf": 0.25, "batch_size": 16}
+    ref = Detector({**cfg, "engine": "onnxruntime"}).detect(blobs)
+    assert sum(len(r.detections) for r in ref) >= 10
+
+    # FP32 with the CPU decoder: only the letterbox rounding (<= 1 grey level) differs
+    exact = Detector({**cfg, "engine": "torch", "device": "cuda"})
+    exact.gpu.nvjpeg = False
+    got = exact.detect(blobs)
+    for g, r in zip(got, ref, strict=True):
+        assert (g.error, g.height, g.width) == (r.error, r.height, r.width)
+        n, m = _matched(g.detections, r.detections, 0.3, 0.9)
+        assert m == n, (g.uri, g.detections, r.detections)
+
+    for precision in ("fp32", "fp16"):
+        det = Detector({**cfg, "engine": "torch", "device": "cuda", "precision": precision})
+        got = det.detect(blobs)
+        assert det.gpu_counters["nvjpeg"] >= 24
+        total = hit = 0
+        for g, r in zip(got, ref, strict=True):
+            assert (g.error, g.height, g.width) == (r.error, r.height, r.width)
+            n, m = _matched(g.detections, r.detections, 0.5, 0.9)
+            total, hit = total + n, hit + m
+        print(f"{precision} + nvJPEG: {hit}/{total} confident CPU-path detections matched (IoU >= 0.9)")
+        assert total > 0 and hit >= 0.95 * total
+
+
+def test_auto_picks_torch_on_cuda():
+    try:
+        import tensorrt  # noqa: F401
+
+        pytest.skip("TensorRT is installed: auto picks it")
+    except ImportError:
+        pass
+    assert resolve_engine_name(DetectorConfig(model=str(STATIC))) == "torch"
+    assert resolve_engine_name(DetectorConfig(model=str(STATIC), device="cpu")) == "onnxruntime"
+
+
+@pytest.fixture(scope="module")
+def ray_gpu():
+    ray = pytest.importorskip("ray")
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=4, num_gpus=1, include_dashboard=False, logging_level="WARNING")
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ray
+
+
+def test_ray_actor_sees_only_its_gpu(ray_gpu):
+    @ray_gpu.remote(num_gpus=1)
+    class Probe:
+        def visible(self):
+            import torch as t
+
+            return os.environ.get("CUDA_VISIBLE_DEVICES"), t.cuda.device_count()
+
+    cvd, count = ray_gpu.get(Probe.remote().visible.remote())
+    assert cvd is not None and len(cvd.split(",")) == 1 and count == 1
+
+
+def test_gpu_job_matches_cpu_job(ray_gpu, tmp_path):
+    """engine=auto in actors with half a GPU each (two actors share the one GPU), threaded
+    calls: same rows and schema as the ONNX Runtime job."""
+    src = tmp_path / "in"
+    src.mkdir()
+    for p in sorted((DEFECTS / "images" / "test").glob("*.jpg"))[:40]:
+        (src / p.name).write_bytes(p.read_bytes())
+    (src / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    tables = {}
+    for name, det, extra in [
+        ("gpu", {"engine": "auto"}, {"num_gpus": 0.5, "concurrency": 2, "actor_concurrency": 2}),
+        ("cpu", {"engine": "onnxruntime"}, {}),
+    ]:
+        cfg = JobConfig(
+            input=str(src),
+            output=str(tmp_path / name),
+            detector=DetectorConfig(model=str(TRAINED), conf=0.25, batch_size=8, **det),
+            num_cpus=1,
+            progress=False,
+            report=False,
+            **extra,
+        )
+        summary = run_job(cfg)
+        assert summary.images == 41 and summary.errors == 1
+        tables[name] = pq.read_table(tmp_path / name).sort_by("uri")
+    gpu, cpu = tables["gpu"], tables["cpu"]
+    assert gpu.schema == cpu.schema
+    assert set(gpu.column("engine").to_pylist()) == {"torch"}
+    assert gpu.column("error").to_pylist() == cpu.column("error").to_pylist()
+    for g, c in zip(gpu.column("detections").to_pylist(), cpu.column("detections").to_pylist(), strict=True):
+        strong = [d for d in (c or []) if d["score"] >= 0.5]
+        assert all(any(x["class_id"] == d["class_id"] for x in (g or [])) for d in strong)
