@@ -17,6 +17,7 @@ from raydetect.config import ConfigError, DetectorConfig, StorageConfig, validat
 SUBCOMMANDS: list[tuple[str, str]] = [
     ("detect", "raydetect.job"),
     ("build", "raydetect.engines.tensorrt_build"),
+    ("serve", "raydetect.serve_cli"),
     ("eval", "raydetect.evaluate"),
     ("quantize", "raydetect.quantize"),
     ("bench", "raydetect.bench"),

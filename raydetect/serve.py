@@ -1,0 +1,389 @@
+"""The online endpoint: a Ray Serve deployment with a FastAPI ingress around the same
+:class:`~raydetect.detector.Detector` the batch job uses.
+
+Requests from many clients are merged by ``@serve.batch`` into one ``Detector.detect`` call
+(one engine call); each request keeps its own ``conf``/``iou``/``max_det`` because decoding
+and NMS stay per image. Run it with ``raydetect serve --model M``, ``serve run
+raydetect.serve:app_builder model=M`` or ``serve run deploy/serve_config.yaml``.
+"""
+
+
+import asyncio
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi.responses import JSONResponse
+from ray import serve
+
+from raydetect import __version__, serve_metrics
+from raydetect.config import ConfigError, DetectorConfig, ServeConfig, validate
+from raydetect.detector import Detector
+from raydetect.serve_cli import parse_replicas
+from raydetect.serve_http import (
+    IMAGE_TYPES,
+    MULTIPART,
+    MULTIPART_OVERHEAD,
+    BatchResponse,
+    DetectResponse,
+    ModelInfo,
+    Upload,
+    check_api_key,
+    check_image_type,
+    check_upload,
+    decode_upload,
+    image_body_openapi,
+    media_type,
+    parse_multipart,
+    read_api_key,
+    read_body,
+)
+from raydetect.serve_metrics import ServeMetrics
+from raydetect.types import ImageResult
+
+log = logging.getLogger(__name__)
+
+api = FastAPI(
+    title="raydetect",
+    version=__version__,
+    description="YOLO object detection. Boxes are pixel xyxy in the original image. "
+    "Send the API key (when one is configured) as 'Authorization: Bearer <key>' or 'X-API-Key'.",
+)
+
+
+@api.middleware("http")
+async def _record_metrics(request: Request, call_next):
+    t0 = time.perf_counter()
+    code = 500
+    try:
+        response = await call_next(request)
+        code = response.status_code
+        return response
+    finally:
+        metrics = serve_metrics.current()
+        if metrics is not None:
+            route = request.scope.get("route")
+            path = getattr(route, "path", None) or "unmatched"
+            metrics.record_request(path, code, (time.perf_counter() - t0) * 1e3)
+
+
+# Query parameters: FastAPI answers 422 for values outside these ranges.
+ConfQuery = Query(None, ge=0.0, le=1.0, description="Confidence threshold (default: the server's)")
+IouQuery = Query(None, ge=0.0, le=1.0, description="NMS IoU threshold (default: the server's)")
+MaxDetQuery = Query(None, ge=1, le=100_000, description="Max detections (default: the server's)")
+
+
+@dataclass
+class _Job:
+    """One image waiting for a batch: decoded pixels (CPU path) or checked bytes (GPU path)."""
+
+    image: np.ndarray | bytes
+    uri: str
+    conf: float
+    iou: float
+    max_det: int
+    enqueued: float
+
+
+@serve.deployment(name="Detector")
+@serve.ingress(api)
+class DetectorServer:
+    """One replica: one Detector (model + engine), dynamic batching over requests."""
+
+    def __init__(self, config: dict[str, Any] | ServeConfig) -> None:
+        cfg = config if isinstance(config, ServeConfig) else validate(ServeConfig, config, "serve")
+        self.cfg = cfg
+        self.api_key = read_api_key(cfg.api_key_env)
+        det = cfg.detector
+        if det.batch_size < cfg.max_batch_size:  # one engine call per batch of requests
+            det = det.model_copy(update={"batch_size": cfg.max_batch_size})
+        self.detector = Detector(det)
+        self._idle: asyncio.Event | None = None
+        self._detect_batched.set_max_batch_size(cfg.max_batch_size)
+        self._detect_batched.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
+        self.metrics = serve_metrics.install(ServeMetrics(serve.get_replica_context().app_name))
+        info = self.detector.info()
+        self.model_id = {
+            "sha256": info["sha256"],
+            "url": info["url"],
+            "engine": info["engine"],
+            "precision": info["precision"],
+        }
+        log.info("raydetect replica ready: %s", self.model_id)
+
+    # --- routes -------------------------------------------------------------------------
+    @api.get("/healthz", summary="Liveness: the replica has its model loaded")
+    async def healthz(self) -> dict[str, str]:
+        return {"status": "ok"}
+
+    @api.get("/v1/model", response_model=ModelInfo, summary="The model and engine behind the endpoint")
+    async def model(self, request: Request) -> JSONResponse:
+        check_api_key(request.headers, self.api_key)
+        info = self.detector.info()
+        return JSONResponse(
+            {
+                "sha256": info["sha256"],
+                "url": info["url"],
+                "names": {str(k): v for k, v in info["names"].items()},
+                "imgsz": info["imgsz"],
+                "layout": info["layout"],
+                "engine": info["engine"],
+                "precision": info["precision"],
+                "device": info["device"],
+                "max_batch_size": self.cfg.max_batch_size,
+                "batch_wait_timeout_s": self.cfg.batch_wait_timeout_s,
+                "engine_batch_size": info["batch_size"],
+            }
+        )
+
+    @api.post(
+        "/v1/detect",
+        response_model=DetectResponse,
+        summary="Detect objects in one image",
+        description=f"Raw body ({', '.join(IMAGE_TYPES)}) or a multipart upload with field 'file'.",
+        openapi_extra=image_body_openapi(many=False),
+    )
+    async def detect(
+        self,
+        request: Request,
+        conf: float | None = ConfQuery,
+        iou: float | None = IouQuery,
+        max_det: int | None = MaxDetQuery,
+    ) -> JSONResponse:
+        t0 = time.perf_counter()
+        check_api_key(request.headers, self.api_key)
+        return await self._with_timeout(self._detect_one(request, t0, conf, iou, max_det))
+
+    @api.post(
+        "/v1/detect/batch",
+        response_model=BatchResponse,
+        summary="Detect objects in several images (multipart, one part per image)",
+        description="Each image gets its own status: one bad file does not fail the others.",
+        openapi_extra=image_body_openapi(many=True),
+    )
+    async def detect_batch(
+        self,
+        request: Request,
+        conf: float | None = ConfQuery,
+        iou: float | None = IouQuery,
+        max_det: int | None = MaxDetQuery,
+    ) -> JSONResponse:
+        t0 = time.perf_counter()
+        check_api_key(request.headers, self.api_key)
+        return await self._with_timeout(self._detect_many(request, t0, conf, iou, max_det))
+
+    # --- request handling ---------------------------------------------------------------
+    async def _with_timeout(self, work) -> JSONResponse:
+        try:
+            return await asyncio.wait_for(work, timeout=self.cfg.timeout_s)
+        except asyncio.TimeoutError:
+            raise HTTPException(504, f"request took longer than timeout_s {self.cfg.timeout_s} s") from None
+
+    async def _detect_one(self, request: Request, t0: float, conf, iou, max_det) -> JSONResponse:
+        det = self.cfg.detector
+        ctype = media_type(request.headers.get("content-type"))
+        if ctype == MULTIPART:
+            body = await read_body(request, det.max_bytes + MULTIPART_OVERHEAD)
+            uploads = await parse_multipart(request, body, 1, det.max_bytes)
+            files = [u for u in uploads if u.field == "file"]
+            if len(files) != 1:
+                raise HTTPException(400, f"multipart upload needs exactly one file field 'file' "
+                                         f"(got {len(files)})")
+            upload = files[0]
+            check_image_type(upload.content_type, part=True)
+        else:
+            check_image_type(ctype)
+            upload = Upload("body", "body", ctype, await read_body(request, det.max_bytes))
+        result, timings = await self._run(upload, conf, iou, max_det)
+        timings["total_ms"] = (time.perf_counter() - t0) * 1e3
+        return JSONResponse({**result.to_dict(), "model": self.model_id, "timings": timings})
+
+    async def _detect_many(self, request: Request, t0: float, conf, iou, max_det) -> JSONResponse:
+        det, cfg = self.cfg.detector, self.cfg
+        ctype = media_type(request.headers.get("content-type"))
+        if ctype != MULTIPART:
+            raise HTTPException(415, f"/v1/detect/batch takes a multipart upload, not {ctype or 'none'!r}")
+        limit = cfg.max_files * (det.max_bytes + MULTIPART_OVERHEAD)
+        uploads = await parse_multipart(request, await read_body(request, limit), cfg.max_files, det.max_bytes)
+        if not uploads:
+            raise HTTPException(400, "multipart upload holds no files")
+
+        async def one(upload: Upload) -> dict[str, Any]:
+            try:
+                check_image_type(upload.content_type, part=True)
+                result, timings = await self._run(upload, conf, iou, max_det)
+            except HTTPException as e:
+                return {"status": e.status_code, "uri": upload.name, "error": e.detail}
+            timings["total_ms"] = (time.perf_counter() - t0) * 1e3
+            return {"status": 200, **result.to_dict(), "timings": timings}
+
+        results = await asyncio.gather(*(one(u) for u in uploads))
+        return JSONResponse({"model": self.model_id, "results": results})
+
+    async def _run(self, upload: Upload, conf, iou, max_det) -> tuple[ImageResult, dict[str, float]]:
+        det = self.cfg.detector
+        t0 = time.perf_counter()
+        image: np.ndarray | bytes
+        if self.detector.gpu is None:  # CPU path: decode here, while the engine runs others
+            image = await asyncio.to_thread(decode_upload, upload.data, det.max_pixels, det.max_bytes)
+        else:  # GPU path: the detector decodes the whole batch (nvJPEG); check the header here
+            await asyncio.to_thread(check_upload, upload.data, det.max_pixels, det.max_bytes)
+            image = upload.data
+        decode_ms = (time.perf_counter() - t0) * 1e3
+        job = _Job(
+            image=image,
+            uri=upload.name,
+            conf=det.conf if conf is None else conf,
+            iou=det.iou if iou is None else iou,
+            max_det=det.max_det if max_det is None else max_det,
+            enqueued=time.perf_counter(),
+        )
+        # Ray Serve's batcher (2.60) forms the next batch as soon as the previous one *starts* and
+        # parks it until the engine is free, so requests arriving during a long engine call
+        # would be spread over many small batches. Holding them here while the engine is busy
+        # lets them join one batch when it frees up.
+        await self._engine_idle().wait()
+        result, timings = await self._detect_batched(job)
+        if result.error is not None:
+            if result.error.startswith("inference failed"):
+                raise RuntimeError(result.error)  # the server's fault: 500
+            raise HTTPException(413 if "too large" in result.error else 400, result.error)
+        return result, {"decode_ms": decode_ms, **timings}
+
+    def _engine_idle(self) -> asyncio.Event:
+        if self._idle is None:  # made on the replica's event loop, at first use
+            self._idle = asyncio.Event()
+            self._idle.set()
+        return self._idle
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)  # reset from the config in __init__
+    async def _detect_batched(self, jobs: list[_Job]) -> list[tuple[ImageResult, dict[str, float]]]:
+        started = time.perf_counter()
+        self.metrics.record_batch(len(jobs))
+        idle = self._engine_idle()
+        idle.clear()
+        try:
+            results, t = await asyncio.to_thread(self._detect_now, jobs)
+        finally:
+            idle.set()
+        shared = {
+            "preprocess_ms": t.decode * 1e3,
+            "inference_ms": t.infer * 1e3,
+            "postprocess_ms": t.postprocess * 1e3,
+            "batch_size": len(jobs),
+        }
+        return [(r, {"queue_ms": (started - j.enqueued) * 1e3, **shared}) for r, j in zip(results, jobs, strict=True)]
+
+    def _detect_now(self, jobs: list[_Job]):
+        results = self.detector.detect(
+            [j.image for j in jobs],
+            [j.uri for j in jobs],
+            conf=[j.conf for j in jobs],
+            iou=[j.iou for j in jobs],
+            max_det=[j.max_det for j in jobs],
+        )
+        return results, self.detector.timings
+
+
+# --- building the application -------------------------------------------------------------
+
+
+def deployment_options(cfg: ServeConfig) -> dict[str, Any]:
+    """Replicas (fixed or autoscaled), resources and queue limit of the deployment."""
+    opts: dict[str, Any] = {
+        "ray_actor_options": {"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus},
+        "max_ongoing_requests": cfg.max_ongoing_requests,
+    }
+    if cfg.min_replicas == cfg.max_replicas:
+        opts["num_replicas"] = cfg.max_replicas
+    else:
+        opts["autoscaling_config"] = {
+            "min_replicas": cfg.min_replicas,
+            "max_replicas": cfg.max_replicas,
+            "target_ongoing_requests": cfg.target_ongoing_requests,
+        }
+    return opts
+
+
+def build_app(cfg: ServeConfig) -> serve.Application:
+    return DetectorServer.options(**deployment_options(cfg)).bind(cfg.model_dump(mode="json"))
+
+
+def serve_config_from_args(args: dict[str, Any]) -> ServeConfig:
+    """A :class:`ServeConfig` from builder args (``serve run ... key=value`` or the ``args``
+    of a Serve config file): detector fields may be given flat or under ``detector``,
+    ``replicas`` as ``N`` or ``MIN:MAX``, ``batch_wait_ms`` instead of ``batch_wait_timeout_s``.
+    A relative local model path is resolved against the current directory."""
+    args = dict(args)
+    detector = dict(args.pop("detector", None) or {})
+    for name in DetectorConfig.model_fields:
+        if name in args:
+            detector[name] = args.pop(name)
+    if "replicas" in args:
+        args["min_replicas"], args["max_replicas"] = parse_replicas(args.pop("replicas"))
+    if "batch_wait_ms" in args:
+        try:
+            args["batch_wait_timeout_s"] = float(args.pop("batch_wait_ms")) / 1e3
+        except (TypeError, ValueError):
+            raise ConfigError("serve.batch_wait_ms: expected a number of milliseconds") from None
+    model = detector.get("model")
+    if isinstance(model, str) and "://" not in model and not os.path.isabs(model):
+        detector["model"] = os.path.abspath(model)
+    return validate(ServeConfig, {**args, "detector": detector}, "serve")
+
+
+def app_builder(args: dict[str, Any]) -> serve.Application:
+    """Application builder for ``serve run raydetect.serve:app_builder model=...`` and for
+    Serve config files (``import_path: raydetect.serve:app_builder`` with ``args``)."""
+    return build_app(serve_config_from_args(args))
+
+
+#: The issue's spelling: ``serve run raydetect.serve:app model=...``.
+app = app_builder
+
+
+# --- CLI ---------------------------------------------------------------------------------
+
+
+def run_forever(cfg: ServeConfig) -> None:
+    """Start (or join) Ray, run the application on ``cfg.host:cfg.port`` and block until
+    Ctrl-C; then delete the application (and stop Ray if this call started it)."""
+    import ray
+
+    read_api_key(cfg.api_key_env)  # fail here, not in the replica, when the key is missing
+    started_ray = not ray.is_initialized()
+    if started_ray:
+        ray.init(logging_level=logging.WARNING)
+    try:
+        serve.start(
+            http_options={
+                "host": cfg.host,
+                "port": cfg.port,
+                # a backstop behind the replica's own timeout (which answers 504)
+                "request_timeout_s": cfg.timeout_s + 10.0,
+            }
+        )
+        serve.run(build_app(cfg), name=cfg.name, route_prefix=cfg.route_prefix)
+        url = f"http://{cfg.host}:{cfg.port}{cfg.route_prefix.rstrip('/')}"
+        print(
+            f"raydetect serve: {cfg.detector.model} at {url}/v1/detect "
+            f"(OpenAPI: {url}/docs); Ctrl-C stops",
+            flush=True,
+        )
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("raydetect serve: stopping", flush=True)
+    finally:
+        try:
+            if started_ray:
+                serve.shutdown()
+            else:
+                serve.delete(cfg.name)
+        finally:
+            if started_ray:
+                ray.shutdown()
