@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -28,11 +29,26 @@ def session_pids(sid: int) -> list[int]:
     return out
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def private_port_args() -> list[str]:
+    """Free ports for the services whose default ports are fixed (ray client 10001, dashboard
+    agent 52365, …), so this head does not collide with other Ray instances on the machine."""
+    names = ("ray-client-server-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+             "runtime-env-agent-port")
+    return [f"--{n}={free_port()}" for n in names]
+
+
 def start_head(args: list[str], *, env: dict[str, str], log: Path) -> subprocess.Popen:
-    """``ray start --head --block ARGS`` in a new session; its pid is the session id."""
+    """``ray start --head --block ARGS`` (plus :func:`private_port_args`) in a new session; its
+    pid is the session id."""
     with open(log, "w") as out:
         return subprocess.Popen(
-            ["ray", "start", "--head", "--block", *args],
+            ["ray", "start", "--head", "--block", *args, *private_port_args()],
             env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         )
 
