@@ -73,7 +73,7 @@ def ray_head():
             time.sleep(2)
         yield head
     finally:
-        stop_session(proc.pid)
+        stop_session(proc.pid, grace_s=5)
         proc.wait(timeout=30)
         shutil.rmtree(temp, ignore_errors=True)
 
