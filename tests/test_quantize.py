@@ -266,3 +266,19 @@ def test_gate_fails_on_unrepresentative_calibration(tmp_path, capsys, data_dir):
     assert rep["passed"] is False and rep["drop_points"] > 1.0 and rep["out"] is None
     assert rep["method"] == "minmax" and rep["exclusions"]
     assert not out.exists() and not (tmp_path / "bad_int8.calib.json").exists()
+
+
+def test_try_methods_keeps_the_best_passing_method(tmp_path, data_dir):
+    d = _calib_dir(tmp_path, 4, bad=False)
+    rep = quantize({"model": MODEL, "calib": str(d), "images": 4, "out": str(tmp_path / "best.onnx"),
+                    "method": "minmax", "try_methods": True, "eval_data": DATA_YAML, "eval_limit": 20,
+                    "max_map_drop": 100.0})
+    assert [a.method for a in rep.attempts] == ["minmax", "entropy", "percentile"]
+    assert all(a.passed for a in rep.attempts)
+    best = max(rep.attempts, key=lambda a: a.int8_map50)
+    assert rep.method == best.method and rep.int8["map50"] == best.int8_map50
+    assert rep.out == str(tmp_path / "best.onnx") and (tmp_path / "best.onnx").exists()
+    assert load_table(rep.table).method == best.method
+    assert json.loads(ModelCard.load(rep.out).metadata["raydetect_quantization"])["method"] == best.method
+    with pytest.raises(ConfigError, match="try_methods: needs eval_data"):
+        quantize({"model": MODEL, "calib": str(d), "images": 4, "out": str(tmp_path / "x.onnx"), "try_methods": True})
