@@ -147,7 +147,8 @@ def to_markdown(doc: dict) -> str:
         f"Command: `{doc['command']}`  ",
         f"Model: `{a['model']}` ({doc['model']['engine']}, {doc['model']['precision']}, "
         f"device {doc['model']['device']}); image `{a['image']}` ({doc['image_bytes']} bytes)  ",
-        f"Machine: {doc['machine']}  ",
+        f"Machine: {doc['machine']}; 1-min load average {doc['load_average_1m'][0]} before, "
+        f"{doc['load_average_1m'][1]} after  ",
         f"Closed loop per client, {a['duration']} s per point after {a['warmup']} s warm-up "
         f"(at most {a['max_requests']} requests); clients in the same process as the driver, "
         "server on 127.0.0.1. Latency is client-side (HTTP round trip). Batching on: "
@@ -192,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     from raydetect.serve import app_builder
 
     started = time.monotonic()
+    load_start = os.getloadavg()
     image = Path(args.image)
     body = image.read_bytes()
     ctype = CONTENT_TYPES[image.suffix.lower()]
@@ -245,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine_info(),
         "model": {k: model_info.get(k) for k in ("engine", "precision", "device", "sha256", "imgsz")},
         "image_bytes": len(body),
+        # other work on the machine shows here (1-minute load average before and after)
+        "load_average_1m": [round(load_start[0], 2), round(os.getloadavg()[0], 2)],
         "results": results,
         "wall_seconds": round(time.monotonic() - started, 1),
     }
