@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from raydetect.cli import main
 from raydetect.config import ConfigError, PlanConfig, validate
 from raydetect.plan import BenchPoint, PlanError, choose_point, gpus_needed, make_plan
 from tests.conftest import REPO
@@ -87,16 +88,16 @@ def run_cli(*args):
                           capture_output=True, text=True, timeout=120)
 
 
-def test_cli_prints_the_arithmetic(tmp_path):
-    p = run_cli("--streams", "64", "--fps", "10", "--per-gpu-fps", "80")
+def test_cli_prints_the_arithmetic(tmp_path, capsys):
+    p = run_cli("--streams", "64", "--fps", "10", "--per-gpu-fps", "80")  # the real command line
     assert p.returncode == 0, p.stderr
     assert p.stdout.splitlines()[-1] == "GPUs      = ceil(640 ÷ 80 × 1.5) = ceil(12.000) = 12"
     f = tmp_path / "bench.json"
     f.write_text(json.dumps(bench((1, 40, 20, 25), (4, 80, 40, 48), device="cpu")))
-    p = run_cli("--streams", "64", "--fps", "10", "--bench", str(f), "--latency-ms", "50", "--json")
-    assert p.returncode == 0, p.stderr
-    assert json.loads(p.stdout)["gpus"] == 12
-    p = run_cli("--streams", "64", "--fps", "10", "--bench", str(f), "--latency-ms", "5")
-    assert p.returncode == 2 and "no measured batch size has p99 latency <= 5 ms" in p.stderr
-    p = run_cli("--streams", "64", "--fps", "10")
-    assert p.returncode == 2 and "one of the arguments --bench --per-gpu-fps is required" in p.stderr
+    assert main(["plan", "--streams", "64", "--fps", "10", "--bench", str(f), "--latency-ms", "50", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["gpus"] == 12
+    assert main(["plan", "--streams", "64", "--fps", "10", "--bench", str(f), "--latency-ms", "5"]) == 2
+    assert "no measured batch size has p99 latency <= 5 ms" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["plan", "--streams", "64", "--fps", "10"])
+    assert e.value.code == 2 and "one of the arguments --bench --per-gpu-fps is required" in capsys.readouterr().err
