@@ -2,7 +2,7 @@
 and off, at several numbers of concurrent clients (issue 4).
 
     python benchmarks/serve_load.py                       # CPU here: ~2.5 min
-    python benchmarks/serve_load.py --num-gpus 1 --out benchmarks/results/serve_load_gpu
+    python benchmarks/serve_load.py     # on a GPU machine: 1 GPU per replica, serve_load_gpu.*
 
 Starts its own local Ray instance and Serve on 127.0.0.1 (loopback only), deploys the
 endpoint once with batching on (``--max-batch-size``, ``--batch-wait-ms``) and once with it
@@ -182,9 +182,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-batch-size", type=int, default=16)
     p.add_argument("--batch-wait-ms", type=float, default=5.0)
     p.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per replica")
-    p.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per replica")
+    p.add_argument("--num-gpus", type=float, default=None,
+                   help="GPUs per replica (default: 1 when Ray sees a GPU, else 0)")
     p.add_argument("--replicas", type=int, default=1)
-    p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "serve_load_cpu"))
+    p.add_argument("--out", default=None,
+                   help="results path without suffix (default benchmarks/results/serve_load_cpu|gpu)")
     args = p.parse_args(argv)
 
     import ray
@@ -201,6 +203,11 @@ def main(argv: list[str] | None = None) -> int:
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     port = free_port()
     ray.init(address="local", include_dashboard=False, logging_level="WARNING")
+    if args.num_gpus is None:
+        args.num_gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    if args.out is None:
+        kind = "gpu" if args.num_gpus > 0 else "cpu"
+        args.out = str(REPO / "benchmarks" / "results" / f"serve_load_{kind}")
     results, model_info = [], {}
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
