@@ -1,10 +1,14 @@
 """Decode and letterbox on the GPU: JPEG bytes → nvJPEG (batched) → letterboxed NCHW tensor.
 
-Only the compressed bytes cross PCIe for JPEGs. Everything else falls back to the CPU decoder
-of :mod:`raydetect.preprocess` *for that image only*: other formats (PNG, WebP, …), JPEGs that
-OpenCV would rotate (EXIF orientation) or that are not RGB/grey (CMYK), and JPEGs nvJPEG fails
-on. Validation is the CPU path's (``check_encoded``, pixel limits read from the header), so bad
-input gives the same error text on both paths.
+Only the compressed bytes cross PCIe for baseline JPEGs (decoded by the GPU's hardware JPEG
+engines where it has them). Everything else goes to the CPU decoder of
+:mod:`raydetect.preprocess` *for that image only*, in a thread pool while nvJPEG decodes the rest:
+other formats (PNG, WebP, …), JPEGs that OpenCV would rotate (EXIF orientation) or that are not
+YCbCr/grey (CMYK, Adobe transform), progressive JPEGs (nvJPEG decodes them one by one with
+Huffman decoding on the CPU and uploads the DCT coefficients: slower than OpenCV and more bytes
+than the pixels; ``progressive_on_gpu=True`` sends them to nvJPEG anyway), and JPEGs nvJPEG
+fails on. Validation is the CPU path's (``check_encoded``, pixel limits read from the header,
+Pillow's decompression-bomb limit), so bad input gives the same error text on both paths.
 
 The letterbox reproduces :func:`raydetect.preprocess.letterbox`: same geometry
 (:func:`letterbox_geometry`), bilinear resize without antialiasing (as ``cv2.INTER_LINEAR``),
@@ -15,9 +19,12 @@ Images of the same size are resized together.
 from __future__ import annotations
 
 import io
+import os
 import warnings
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -42,13 +49,84 @@ warnings.filterwarnings("ignore", message=r".*decod.*deprecated.*", category=Use
 
 _JPEG = b"\xff\xd8\xff"
 _EXIF_ORIENTATION = 0x0112
+#: start-of-frame markers (not DHT C4, JPG C8, DAC CC); progressive ones need nvJPEG's slow
+#: hybrid path (Huffman on the CPU, then the coefficients uploaded), so they go to the CPU.
+_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+_SOF_PROGRESSIVE = {0xC2, 0xC6, 0xCA, 0xCE}
 
 
-def probe_jpeg(data: bytes) -> tuple[int, int, bool] | None:
-    """(width, height, nvJPEG can decode it like OpenCV) from the JPEG header, or None if
-    Pillow cannot parse it. Raises :class:`ImageTooLargeError` for decompression bombs."""
+class JpegInfo(NamedTuple):
+    width: int
+    height: int
+    gpu_ok: bool  # nvJPEG decodes it as OpenCV would (YCbCr/grey, no EXIF rotation)
+    progressive: bool
+
+
+def _exif_orientation(tiff: bytes) -> int:
+    """The Orientation tag of IFD0 of an EXIF (TIFF) block; 1 if absent or unreadable."""
+    if len(tiff) < 8 or tiff[:2] not in (b"II", b"MM"):
+        return 1
+    order = "little" if tiff[:2] == b"II" else "big"
+    ifd = int.from_bytes(tiff[4:8], order)
+    if ifd + 2 > len(tiff):
+        return 1
+    count = int.from_bytes(tiff[ifd : ifd + 2], order)
+    for k in range(count):
+        e = ifd + 2 + 12 * k
+        if e + 12 > len(tiff):
+            break
+        if int.from_bytes(tiff[e : e + 2], order) == _EXIF_ORIENTATION:
+            return int.from_bytes(tiff[e + 8 : e + 10], order)
+    return 1
+
+
+def parse_jpeg_header(data: bytes) -> JpegInfo | None:
+    """Size, decodability and progressiveness from the JPEG markers before the first scan
+    (a few microseconds); None when the header is not plain enough to be sure."""
+    n, i = len(data), 2
+    orientation, adobe, sof = 1, False, None
+    while i + 4 <= n:
+        if data[i] != 0xFF:
+            return None
+        m = data[i + 1]
+        if m == 0xFF:  # fill byte
+            i += 1
+            continue
+        if m == 0x01 or 0xD0 <= m <= 0xD8:  # markers without a length
+            i += 2
+            continue
+        if m in (0xD9, 0xDA):  # end of image / start of scan: the header is over
+            break
+        seg = int.from_bytes(data[i + 2 : i + 4], "big")
+        if seg < 2 or i + 2 + seg > n:
+            return None
+        body = data[i + 4 : i + 2 + seg]
+        if m in _SOF:
+            if len(body) < 6:
+                return None
+            h, w, comps = int.from_bytes(body[1:3], "big"), int.from_bytes(body[3:5], "big"), body[5]
+            sof = (w, h, comps, m in _SOF_PROGRESSIVE)
+        elif m == 0xE1 and body[:6] == b"Exif\x00\x00" and orientation == 1:
+            orientation = _exif_orientation(body[6:])
+        elif m == 0xEE and body[:5] == b"Adobe":
+            adobe = True  # colour transform flag: leave it to libjpeg
+        i += 2 + seg
+    if sof is None or sof[0] == 0 or sof[1] == 0:
+        return None
+    w, h, comps, progressive = sof
+    return JpegInfo(w, h, comps in (1, 3) and not adobe and orientation == 1, progressive)
+
+
+def probe_jpeg(data: bytes) -> JpegInfo | None:
+    """:func:`parse_jpeg_header`, or Pillow when that cannot tell; None if neither can parse
+    it. Raises :class:`ImageTooLargeError` where the CPU path's Pillow check would."""
     from PIL import Image
 
+    info = parse_jpeg_header(data)
+    if info is not None:
+        if info.width * info.height > 2 * Image.MAX_IMAGE_PIXELS:  # Pillow's bomb check
+            raise ImageTooLargeError("image too large for Pillow's decompression-bomb limit")
+        return info
     try:
         with Image.open(io.BytesIO(data)) as im:
             w, h = im.size
@@ -56,7 +134,8 @@ def probe_jpeg(data: bytes) -> tuple[int, int, bool] | None:
             if ok:
                 # OpenCV applies EXIF orientation when decoding; nvJPEG does not.
                 ok = im.getexif().get(_EXIF_ORIENTATION, 1) == 1
-            return w, h, ok
+            prog = bool(im.info.get("progressive") or im.info.get("progression"))
+            return JpegInfo(w, h, ok, prog)
     except Image.DecompressionBombError:
         raise ImageTooLargeError("image too large for Pillow's decompression-bomb limit") from None
     except Exception:
@@ -120,6 +199,8 @@ class GpuPreprocessor:
         max_pixels: int = 40_000_000,
         max_bytes: int = 64 * 1024 * 1024,
         nvjpeg: bool | None = None,
+        progressive_on_gpu: bool = False,
+        cpu_threads: int | None = None,
     ) -> None:
         self.imgsz = imgsz
         self.device = torch.device(device)
@@ -129,12 +210,42 @@ class GpuPreprocessor:
         self.nvjpeg = self.device.type == "cuda" if nvjpeg is None else nvjpeg
         if self.nvjpeg and self.device.type != "cuda":
             raise ValueError("nvjpeg needs a CUDA device")
+        self.progressive_on_gpu = progressive_on_gpu
+        #: CPU decodes (fallbacks) run in these threads (OpenCV releases the GIL), while
+        #: nvJPEG decodes the rest of the batch.
+        self.cpu_threads = cpu_threads if cpu_threads is not None else min(8, os.cpu_count() or 1)
+        self._pool: ThreadPoolExecutor | None = None
 
     # --- decoding -------------------------------------------------------------------------
-    def _upload_cpu(self, data: bytes | np.ndarray) -> torch.Tensor:
-        arr = as_bgr(data) if isinstance(data, np.ndarray) else decode_image(data, self.max_pixels, self.max_bytes)
-        rgb = np.ascontiguousarray(arr[..., ::-1].transpose(2, 0, 1))
-        return torch.from_numpy(rgb).to(self.device)
+    def _decode_cpu(self, data: bytes | np.ndarray) -> np.ndarray:
+        """The CPU path's decoder (BGR); runs in the thread pool."""
+        if isinstance(data, np.ndarray):
+            return as_bgr(data)
+        return decode_image(data, self.max_pixels, self.max_bytes)
+
+    def _upload(self, bgr: np.ndarray, res: PreparedBatch, i: int) -> torch.Tensor:
+        t = torch.from_numpy(np.ascontiguousarray(bgr[..., ::-1].transpose(2, 0, 1))).to(self.device)
+        res.cpu_decoded += 1
+        res.h2d_bytes += t.numel()
+        res.decoder[i] = "cpu"
+        return t
+
+    def _submit(self, jobs: list[tuple[int, bytes | np.ndarray]]):
+        if len(jobs) > 1 and self.cpu_threads > 1:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.cpu_threads, thread_name_prefix="raydetect-decode")
+            return [(i, self._pool.submit(self._decode_cpu, d)) for i, d in jobs]
+        return [(i, d) for i, d in jobs]
+
+    def _collect(self, jobs, decoded: list, res: PreparedBatch) -> None:
+        for i, job in jobs:
+            try:
+                bgr = job.result() if isinstance(job, Future) else self._decode_cpu(job)
+                decoded[i] = self._upload(bgr, res, i)
+            except ImageError as e:
+                res.errors[i] = str(e)
+            except Exception as e:  # a decoder bug must not kill the batch
+                res.errors[i] = f"decode failed: {type(e).__name__}: {e}"
 
     def decode(
         self, images: Sequence[bytes | bytearray | memoryview | np.ndarray]
@@ -146,50 +257,46 @@ class GpuPreprocessor:
         res = PreparedBatch(None, [], [], [None] * n, [None] * n, [None] * n)
         gpu: list[int] = []
         gpu_bytes: list[bytes] = []
+        cpu: list[tuple[int, bytes | np.ndarray]] = []
         for i, img in enumerate(images):
             try:
                 if isinstance(img, np.ndarray) and img.ndim in (2, 3):
-                    decoded[i] = self._cpu(img, res, i)
+                    cpu.append((i, img))
                     continue
                 data = img if isinstance(img, bytes) else bytes(img)
                 if self.nvjpeg and data.startswith(_JPEG):
                     check_encoded(data, self.max_bytes)
-                    probe = probe_jpeg(data)
-                    if probe is not None:
-                        check_pixels(probe[0], probe[1], self.max_pixels)
-                        if probe[2]:
+                    info = probe_jpeg(data)
+                    if info is not None:
+                        check_pixels(info.width, info.height, self.max_pixels)
+                        if info.gpu_ok and (self.progressive_on_gpu or not info.progressive):
                             gpu.append(i)
                             gpu_bytes.append(data)
                             continue
-                decoded[i] = self._cpu(data, res, i)
+                cpu.append((i, data))
             except ImageError as e:
                 res.errors[i] = str(e)
             except Exception as e:  # a decoder bug must not kill the batch
                 res.errors[i] = f"decode failed: {type(e).__name__}: {e}"
+        jobs = self._submit(cpu)  # CPU decodes run while nvJPEG works
         if gpu:
+            refused = []
             for i, t, data in zip(gpu, self._nvjpeg(gpu_bytes, res), gpu_bytes, strict=True):
+                if t is None:  # nvJPEG refused it: this image goes through the CPU decoder
+                    refused.append((i, data))
+                    continue
                 try:
-                    if t is None:  # nvJPEG refused it: this image goes through the CPU decoder
-                        t = self._cpu(data, res, i)
-                    else:
-                        check_pixels(int(t.shape[2]), int(t.shape[1]), self.max_pixels)
-                        res.decoder[i] = "nvjpeg"
+                    check_pixels(int(t.shape[2]), int(t.shape[1]), self.max_pixels)
                     decoded[i] = t
+                    res.decoder[i] = "nvjpeg"
                 except ImageError as e:
                     res.errors[i] = str(e)
-                except Exception as e:
-                    res.errors[i] = f"decode failed: {type(e).__name__}: {e}"
+            jobs += self._submit(refused)
+        self._collect(jobs, decoded, res)
         for i, t in enumerate(decoded):
             if t is not None:
                 res.sizes[i] = (int(t.shape[1]), int(t.shape[2]))
         return decoded, res
-
-    def _cpu(self, data: bytes | np.ndarray, res: PreparedBatch, i: int) -> torch.Tensor:
-        t = self._upload_cpu(data)
-        res.cpu_decoded += 1
-        res.h2d_bytes += t.numel()
-        res.decoder[i] = "cpu"
-        return t
 
     def _nvjpeg(self, datas: list[bytes], res: PreparedBatch) -> list[torch.Tensor | None]:
         """Batched nvJPEG decode; on failure, one by one, None for those that still fail."""

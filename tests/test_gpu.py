@@ -85,6 +85,24 @@ def test_raw_head_fp32_and_fp16_vs_onnxruntime(engines, photos_ref):
     assert errs["fp16"] <= 1e-2
 
 
+def test_trained_model_raw_head_vs_onnxruntime():
+    """The trained model (random weights give almost input-independent outputs, which hide
+    precision loss): defect images and photos, FP32 and FP16."""
+    card = ModelCard.load(str(TRAINED))
+    paths = sorted((DEFECTS / "images" / "test").glob("*.jpg"))[:12] + photo_paths()
+    imgs = [decode_image(p.read_bytes(), BIG, BIG) for p in paths]
+    x = to_tensor([letterbox(im, 640, 640)[0] for im in imgs])
+    ref = ort.InferenceSession(card.onnx_bytes, providers=["CPUExecutionProvider"]).run(None, {card.input_name: x})[0]
+    errs = {}
+    for p in ("fp32", "fp16"):
+        eng = TorchEngine(card, gpu_config(TRAINED, precision=p))
+        errs[p] = rel_err(eng.infer(torch.from_numpy(x).cuda()).cpu().numpy(), ref)
+        errs[p + "_scores"] = rel_err(eng.infer(torch.from_numpy(x).cuda())[:, 4:].cpu().numpy(), ref[:, 4:])
+    print("trained model, relative error vs ONNX Runtime FP32:", errs)
+    assert errs["fp32"] <= 1e-4 and errs["fp32_scores"] <= 1e-4
+    assert errs["fp16"] <= 1e-2 and errs["fp16_scores"] <= 1e-2
+
+
 def test_cuda_graph_replay_equals_eager(engines, photos_ref):
     x, _ = photos_ref
     xs = torch.from_numpy(np.concatenate([x, x, x])).cuda()  # 21 images
@@ -128,25 +146,35 @@ def test_nvjpeg_decode_vs_cpu_decode_and_fallbacks():
     jpegs = [p.read_bytes() for p in photo_paths() if p.suffix == ".jpg"]  # 1 baseline, 5 progressive
     webp = [p.read_bytes() for p in photo_paths() if p.suffix == ".webp"]
     variants = variant_jpegs(jpegs[1])  # 800x445: baseline, progressive, grey | cmyk, exif_rotated, png
-    pp = GpuPreprocessor((640, 640), device="cuda")
     items = [*jpegs, *variants.values(), *webp]
-    decoded, rep = pp.decode(items)
-    print("nvJPEG:", rep.nvjpeg, "CPU:", rep.cpu_decoded, rep.notes)
-    assert all(e is None for e in rep.errors), rep.errors
-    # CMYK, EXIF-rotated, PNG and WebP never go to nvJPEG; baseline and grey JPEGs do (a JPEG
-    # nvJPEG refuses falls back to the CPU decoder, so progressive ones may take either)
-    assert rep.decoder[len(jpegs) + 3 :] == ["cpu"] * 4
-    assert rep.decoder[len(jpegs)] == rep.decoder[len(jpegs) + 2] == "nvjpeg"
-    assert rep.nvjpeg + rep.cpu_decoded == len(items)
+    # default: progressive JPEGs to the CPU; then everything nvJPEG can take on nvJPEG
+    for progressive_on_gpu in (False, True):
+        pp = GpuPreprocessor((640, 640), device="cuda", progressive_on_gpu=progressive_on_gpu)
+        decoded, rep = pp.decode(items)
+        print("progressive_on_gpu", progressive_on_gpu, rep.decoder, rep.notes)
+        assert all(e is None for e in rep.errors), rep.errors
+        # baseline and grey JPEGs on nvJPEG; CMYK, EXIF-rotated, PNG and WebP never
+        assert rep.decoder[len(jpegs)] == rep.decoder[len(jpegs) + 2] == "nvjpeg"
+        assert rep.decoder[len(jpegs) + 3 :] == ["cpu"] * 4
+        progressive = [*range(len(jpegs)), len(jpegs) + 1]
+        progressive.remove(2)  # cat2.jpg is the one baseline photo
+        assert {rep.decoder[k] for k in progressive} == {"nvjpeg" if progressive_on_gpu else "cpu"}
+        assert rep.nvjpeg + rep.cpu_decoded == len(items)
+        _compare_with_cpu_decoder(items, decoded, rep)
+
+
+def _compare_with_cpu_decoder(items, decoded, rep) -> None:
     stats = []
-    for data, t in zip(items, decoded, strict=True):
+    for data, t, kind in zip(items, decoded, rep.decoder, strict=True):
         ref = decode_image(data, BIG, BIG)[..., ::-1].transpose(2, 0, 1)  # the CPU path, as RGB CHW
         got = t.cpu().numpy()
         assert got.shape == ref.shape
         d = np.abs(got.astype(np.int16) - ref.astype(np.int16))
-        stats.append((float(d.mean()), float(np.percentile(d, 99))))
-    print("nvJPEG vs OpenCV (mean |diff|, p99 |diff|) per image:", stats)
-    assert max(m for m, _ in stats) <= 2.0
+        if kind == "cpu":
+            assert d.max() == 0  # the CPU path's own decoder
+        stats.append((kind, round(float(d.mean()), 3), float(np.percentile(d, 99))))
+    print("decoder vs OpenCV (mean |diff|, p99 |diff|) per image:", stats)
+    assert max(m for _, m, _ in stats) <= 2.0
     # the accounting: compressed bytes for nvJPEG, pixels for the CPU decodes
     expect = sum(len(b) if k == "nvjpeg" else t.numel() for b, t, k in zip(items, decoded, rep.decoder, strict=True))
     assert rep.h2d_bytes == expect

@@ -22,12 +22,12 @@ from raydetect.engines import EngineUnavailableError, create_engine, resolve_eng
 from raydetect.engines.onnx_to_torch import convert  # noqa: E402
 from raydetect.engines.torch import TorchEngine, graph_batch_sizes  # noqa: E402
 from raydetect.gpu_postprocess import batched_postprocess  # noqa: E402
-from raydetect.gpu_preprocess import GpuPreprocessor, letterbox_tensors  # noqa: E402
+from raydetect.gpu_preprocess import GpuPreprocessor, letterbox_tensors, parse_jpeg_header, probe_jpeg  # noqa: E402
 from raydetect.model_card import ModelCard, batching_check_input  # noqa: E402
 from raydetect.onnx_fold import fold_for_shape  # noqa: E402
 from raydetect.postprocess import postprocess  # noqa: E402
 from raydetect.preprocess import decode_image, letterbox, letterbox_geometry, to_tensor  # noqa: E402
-from tests.conftest import MODELS, photo_paths  # noqa: E402
+from tests.conftest import DEFECTS, MODELS, photo_paths  # noqa: E402
 from tests.gpu_helpers import (  # noqa: E402
     BIG,
     assert_rows_equal,
@@ -38,10 +38,12 @@ from tests.gpu_helpers import (  # noqa: E402
     photo_bytes,
     rel_err,
     synthetic_head,
+    variant_jpegs,
 )
 
 STATIC = MODELS / "yolov8n-random.onnx"  # Ultralytics static export (batch 1)
 DYNAMIC = MODELS / "yolov8n-dynamic-random.onnx"  # dynamic batch/H/W: shape ops in the graph
+TRAINED = MODELS / "yolov8n-defects.onnx"
 HAS_CUDA = torch.cuda.is_available()
 
 
@@ -112,6 +114,44 @@ def test_fp32_raw_head_matches_onnxruntime(model, request):
     out_t = eng.infer(torch.from_numpy(np.concatenate([x, x[:1]])))
     assert isinstance(out_t, torch.Tensor) and tuple(out_t.shape) == (3, 84, 8400)
     assert rel_err(out_t[2:].numpy(), ref[:1]) <= 1e-4
+
+
+def test_trained_model_fp32_matches_onnxruntime():
+    """Random weights give almost input-independent outputs; the trained model does not."""
+    card = ModelCard.load(str(TRAINED))
+    paths = sorted((DEFECTS / "images" / "test").glob("*.jpg"))[:2]
+    x = to_tensor([letterbox(decode_image(p.read_bytes(), BIG, BIG), 640, 640)[0] for p in paths])
+    ref = ort.InferenceSession(card.onnx_bytes).run(None, {card.input_name: x})[0]
+    out = TorchEngine(card, cpu_config(TRAINED)).infer(x)
+    assert rel_err(out, ref) <= 1e-4
+    assert rel_err(out[:, 4:], ref[:, 4:]) <= 1e-4  # the class scores alone
+    assert np.abs(ref[0] - ref[1]).max() > 0.1  # outputs do depend on the image
+
+
+def test_jpeg_header_parser_agrees_with_pillow():
+    import io
+
+    from PIL import Image
+
+    blobs = photo_bytes() + list(variant_jpegs(photo_bytes()[1]).values())
+    blobs += [p.read_bytes() for p in sorted((DEFECTS / "images" / "test").glob("*.jpg"))[:20]]
+    checked = 0
+    for b in blobs:
+        with Image.open(io.BytesIO(b)) as im:
+            size, fmt, mode = im.size, im.format, im.mode
+            orient = im.getexif().get(0x0112, 1)
+            prog = bool(im.info.get("progressive") or im.info.get("progression"))
+        info = parse_jpeg_header(b) if fmt == "JPEG" else None
+        if fmt != "JPEG":
+            assert probe_jpeg(b) is None or not probe_jpeg(b).gpu_ok
+            continue
+        assert info is not None
+        assert (info.width, info.height) == size and info.progressive == prog
+        assert info.gpu_ok == (mode in ("RGB", "L") and orient == 1), (mode, orient)
+        checked += 1
+    assert checked >= 25
+    assert parse_jpeg_header(b"\xff\xd8\xff\xe0\x00") is None  # cut inside the header
+    assert parse_jpeg_header(bad_inputs(photo_bytes()[0])["jpeg_header_garbage"]) is None
 
 
 def test_engine_selection_and_refusals(card):
