@@ -84,13 +84,16 @@ class JobMetrics:
         self.batch = Histogram("raydetect_job_batch_images", "Rows per detector call", SIZE_BOUNDARIES, tag_keys=tags)
         self.gpu_memory = Gauge("raydetect_job_gpu_memory_bytes", "Peak CUDA memory allocated by torch", tag_keys=tags)
 
-    def record(self, table: pa.Table, seconds: float) -> dict[str, int]:
+    def record(self, table: pa.Table, seconds: float | None = None) -> dict[str, int]:
+        """Count the rows of ``table``; ``seconds`` (one detector call) feeds the latency and
+        batch-size histograms (None: counters only, e.g. a whole video segment)."""
         counts = batch_counts(table)
         for name, value in counts.items():
             if value:
                 self.counters[name].inc(value, tags=self.tags)
-        self.latency.observe(seconds, tags=self.tags)
-        self.batch.observe(table.num_rows, tags=self.tags)
+        if seconds is not None:
+            self.latency.observe(seconds, tags=self.tags)
+            self.batch.observe(table.num_rows, tags=self.tags)
         mem = _gpu_memory_bytes()
         if mem is not None:
             self.gpu_memory.set(mem, tags=self.tags)

@@ -112,6 +112,9 @@ class VideoSegmentDetector:
         self.frames_dir = f"{out_path.rstrip('/')}/{FRAMES_DIR}"
         self.out_fs.makedirs(self.frames_dir, exist_ok=True)
         self.decoder, self.decoder_reason = resolve_decoder(video.decoder, num_gpus)
+        from raydetect.metrics import JobMetrics
+
+        self.metrics = JobMetrics(output)  # frames / detections / errors counters of the job
 
     def __call__(self, batch: dict[str, Any]) -> pa.Table:
         stats = []
@@ -135,6 +138,7 @@ class VideoSegmentDetector:
         table = frame_results_to_table(outcome.rows, **ident)
         table = table.replace_schema_metadata({SEGMENT_META_KEY: json.dumps(stats)})
         sh.write_bytes_atomic(self.out_fs, path, sh.table_to_parquet_bytes(table))
+        self.metrics.record(table)
         return stats
 
 
