@@ -62,6 +62,14 @@ def peak_rss_mb() -> float | None:
         return None
 
 
+def _load_avg() -> float | None:
+    """The 1-minute load average when the run ended (other work on the machine skews timings)."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
+
+
 def _torch_cuda():
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -194,7 +202,8 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -
         "inputs": described,
         "settings": {"iterations": cfg.iterations, "min_seconds": cfg.min_seconds, "warmup": cfg.warmup,
                      "conf": det_cfg.conf, "iou": det_cfg.iou},
-        "host": {"machine": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version()},
+        "host": {"machine": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version(),
+                 "load_avg_1m_at_end": _load_avg()},
         "load_s": load_s,
         "results": results,
     }
