@@ -7,7 +7,7 @@ Sections (each saved as soon as it is done, to ``--out``/gpu_pipeline.json and .
 
 * ``dataset``: ``--files`` JPEG files on local disk for each of two sets: *coco640* (640x480
   baseline JPEGs re-encoded from crops/flips of the real photos, COCO-sized) and *photos* (the
-  real JPEG photos replicated as they are: 408x612 to 1104x736, 5 of 6 progressive);
+  real JPEG photos replicated as they are: 408x612 to 1104x736, all progressive);
 * ``engine``: engine-only images/s (inputs already letterboxed on the GPU) at each batch size,
   FP32 and FP16, CUDA-graph replay and eager; p50/p99 latency per call; peak GPU memory;
 * ``decode``: decode-only images/s: nvJPEG (torchvision, batched), the raydetect GPU decoder

@@ -240,6 +240,10 @@ def add_job_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-actors", type=int, default=1, help="actors kept when idle (default 1)")
     p.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per actor (fractions ok)")
     p.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per actor")
+    p.add_argument("--actor-concurrency", type=int, default=1,
+                   help="detector calls at once per actor (threads; GPU: 2 overlaps decode and inference)")
+    p.add_argument("--rows-per-call", type=int, default=None,
+                   help="images per detector call (default: --batch-size; GPU: a multiple pipelines chunks)")
     p.add_argument("--limit", type=int, default=None, help="process at most N files")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing output (default: resume it if it was written by the same job)")
@@ -269,6 +273,8 @@ def job_config(args: argparse.Namespace) -> JobConfig:
             "min_actors": args.min_actors,
             "num_gpus": args.num_gpus,
             "num_cpus": args.num_cpus,
+            "actor_concurrency": args.actor_concurrency,
+            "rows_per_call": args.rows_per_call,
             "limit": args.limit,
             "progress": not args.no_progress,
             "shard_size": args.shard_size,

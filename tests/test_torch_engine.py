@@ -268,6 +268,15 @@ def test_job_config_new_fields_are_validated():
         validate(JobConfig, {**base, "actor_concurrency": 0}, "job")
     with pytest.raises(ConfigError, match=r"job\.rows_per_call"):
         validate(JobConfig, {**base, "rows_per_call": 0}, "job")
+    import argparse
+
+    from raydetect.job import add_job_args, job_config
+
+    p = argparse.ArgumentParser()
+    add_job_args(p)
+    args = p.parse_args(["--input", "x", "--output", "y", "--model", "m.onnx", "--actor-concurrency", "2",
+                         "--rows-per-call", "256"])
+    assert (job_config(args).actor_concurrency, job_config(args).rows_per_call) == (2, 256)
 
 
 def test_job_parquet_schema_is_the_same_on_both_paths(ray_local, tmp_path):
