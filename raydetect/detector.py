@@ -67,6 +67,11 @@ def _per_image(value, n: int, name: str) -> list:
     return values
 
 
+#: Largest relative difference (max |Δ| / max |output|) between an image run alone and
+#: inside a batch that still counts as "the rewritten graph batches correctly".
+BATCH_CHECK_TOLERANCE = {"fp32": 1e-3, "fp16": 1e-2, "int8": 1e-2}
+
+
 class Detector:
     """Detect objects in batches of images with one engine.
 
@@ -118,12 +123,17 @@ class Detector:
             return True
         both = np.asarray(self._infer(x))
         err = np.abs(both[:1] - alone).max() / max(float(np.abs(alone).max()), 1e-6)
-        if not np.isfinite(err) or err > 1e-3:
+        # Reduced precisions legitimately differ between batch sizes (other kernels, other
+        # accumulation order): FP16 by ~1e-3 of the output range on the H200.
+        tol = BATCH_CHECK_TOLERANCE.get(self.engine.precision, 1e-2)
+        if not np.isfinite(err) or err > tol:
             log.warning(
                 "%s: the graph rewritten to a dynamic batch gives different outputs in a batch "
-                "(relative error %.3g); running images one at a time",
+                "(relative error %.3g > %g for %s); running images one at a time",
                 self.card.url,
                 err,
+                tol,
+                self.engine.precision,
             )
             self.chunk = 1
             return False
