@@ -281,12 +281,14 @@ def markdown(results: list[dict], checks: list[dict], meta: dict) -> str:
            f"Timing: {meta['rounds']} interleaved rounds × {meta['reps']} calls, median; "
            "latency and images/s are end-to-end `Detector.detect` on encoded images "
            "(decode, letterbox, inference, NMS); 'engine images/s' is inference alone; 'CPU ms/image' is "
-           "the process CPU time per image at batch 8 (all threads; less sensitive to a busy machine).",
+           "the process CPU time per image at batch 8 (all threads; less sensitive to a busy machine); "
+           "peak RSS is the worker process's maximum resident set; peak CUDA is torch's allocator peak "
+           "(TensorRT's own allocations are not in it).",
            "", *lines, ""]
     if checks:
         out += ["| check | measured | target | result |", "|---|---|---|---|"]
         for c in checks:
-            out.append(f"| {c['name']} | {c['measured']:.2f} | {c['target']} | {'pass' if c['passed'] else 'FAIL'} |")
+            out.append(f"| {c['name']} | {c['measured']:.3f} | {c['target']} | {'pass' if c['passed'] else 'FAIL'} |")
         out.append("")
     return "\n".join(out)
 
