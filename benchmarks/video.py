@@ -12,6 +12,13 @@ detector receives; and decode by 2-s segments with keyframe seeks), and of NVDEC
 torchcodec when :func:`raydetect.video.nvdec.nvdec_availability` allows it (else the reason is
 recorded as "nvdec: unavailable (...)"). Medians of ``--repeats``.
 
+NVDEC through NVIDIA's PyNvVideoCodec (when :func:`pynvvideocodec_availability` allows it):
+frames/s decode only (NV12 left in GPU memory, one decoder rewound per pass) and decode + RGB
+conversion on the GPU + copy to the host; plus a correctness check against PyAV on the same looped
+file: frame count, PTS, and mean absolute pixel difference (0-255, RGB) of a few frames.
+``--decode-only`` skips the gating part (no detector model needed), e.g. on the GPU machine:
+``python benchmarks/video.py --decode-only --loops 20 --out benchmarks/results/video_gpu``.
+
 Gating: every frame of the looped clip goes through the motion gate (64-px grey thumbnail, mean
 absolute difference to the last processed frame, forced refresh every ``--refresh`` frames) for
 each threshold. *Saved* = skipped / sampled frames. *Recall* = detections of the ungated run
@@ -54,10 +61,10 @@ from raydetect.config import DetectorConfig, VideoConfig  # noqa: E402
 from raydetect.video.decode import DecodeStats, iter_segment_frames  # noqa: E402
 from raydetect.video.detect import detect_segment, plan_video  # noqa: E402
 from raydetect.video.gate import MotionGate, grey_thumbnail  # noqa: E402
-from raydetect.video.nvdec import nvdec_availability  # noqa: E402
+from raydetect.video.nvdec import nvdec_availability, pynvvideocodec_availability  # noqa: E402
 from raydetect.video.probe import open_video, probe_video  # noqa: E402
 
-DATA = REPO.parent / "shared" / "data"
+DATA = Path(os.environ.get("RAYDETECT_TEST_DATA", REPO.parent / "shared" / "data"))
 CLIP = DATA / "video" / "traffic-highway-2s.mp4"
 
 
@@ -114,6 +121,58 @@ def nvdec_decode(path: str, bgr: bool) -> tuple[int, float]:
             n += 1
     torch.cuda.synchronize()
     return n, time.perf_counter() - t0
+
+
+def pynvvideocodec_decode(path: str, rgb_to_host: bool, decoder) -> tuple[int, float]:
+    from raydetect.video.nvdec import cuda_synchronize, iter_file_frames_pynvvideocodec
+
+    n, t0 = 0, time.perf_counter()
+    for _ in iter_file_frames_pynvvideocodec(path, rgb_to_host=rgb_to_host, decoder=decoder):
+        n += 1
+    cuda_synchronize()
+    return n, time.perf_counter() - t0
+
+
+def pynvvideocodec_vs_cpu(path: str, compare: int = 5) -> dict:
+    """PyNvVideoCodec vs PyAV on ``path``: frame count, PTS, mean |difference| of ``compare`` frames."""
+    from raydetect.video.nvdec import iter_file_frames_pynvvideocodec
+
+    cpu_pts, cpu_rgb = [], {}
+    task = plan_video(path, VideoConfig(segment_s=86_400))[0]
+    with open_video(path) as (c, s):
+        for fr, _ in iter_segment_frames(c, s, task.segment, DecodeStats()):
+            cpu_pts.append(fr.pts)
+            cpu_rgb[fr.pts] = None
+    picks = set(np.linspace(0, len(cpu_pts) - 1, compare).round().astype(int).tolist())
+    with open_video(path) as (c, s):
+        for i, (fr, _) in enumerate(iter_segment_frames(c, s, task.segment, DecodeStats())):
+            if i in picks:
+                cpu_rgb[fr.pts] = fr.bgr()[..., ::-1]
+    gpu_pts, gpu_rgb = [], {}
+    for i, (pts, rgb) in enumerate(iter_file_frames_pynvvideocodec(path, rgb_to_host=True)):
+        gpu_pts.append(pts)
+        if i in picks:
+            gpu_rgb[i] = (pts, rgb)
+    same_pts = gpu_pts == cpu_pts
+    diffs = []
+    for i in sorted(picks):
+        if i not in gpu_rgb:
+            continue
+        pts, rgb = gpu_rgb[i]
+        ref = cpu_rgb.get(pts) if same_pts else cpu_rgb.get(cpu_pts[i])  # by PTS, else by position
+        if ref is None or rgb.shape != ref.shape:
+            diffs.append({"index": i, "pts": pts, "error": f"shape {rgb.shape} vs {None if ref is None else ref.shape}"})
+            continue
+        d = np.abs(rgb.astype(np.int16) - ref.astype(np.int16))
+        diffs.append({"index": i, "pts": pts, "mean_abs_diff": float(d.mean()), "max_abs_diff": int(d.max()),
+                      "fraction_over_8": float((d > 8).mean())})
+    mads = [d["mean_abs_diff"] for d in diffs if "mean_abs_diff" in d]
+    return {
+        "frames_cpu": len(cpu_pts), "frames_nvdec": len(gpu_pts), "same_frame_count": len(cpu_pts) == len(gpu_pts),
+        "same_pts": same_pts, "pts_cpu_first": cpu_pts[:3], "pts_nvdec_first": gpu_pts[:3],
+        "compared_frames": diffs, "mean_abs_diff_rgb": statistics.mean(mads) if mads else None,
+        "matched_by": "pts" if same_pts else "position",
+    }
 
 
 def median_fps(fn, repeats: int) -> dict:
@@ -209,6 +268,7 @@ def main() -> None:
     ap.add_argument("--refresh", type=int, default=25)
     ap.add_argument("--check-threshold", type=float, default=2.0,
                     help="threshold of the real gated run that validates the offline sweep")
+    ap.add_argument("--decode-only", action="store_true", help="decode frames/s only (no detector, no gating)")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "video_cpu"))
     args = ap.parse_args()
 
@@ -234,8 +294,42 @@ def main() -> None:
         decode["nvdec"] = f"available ({reason})"
     else:
         decode["nvdec"] = f"unavailable ({reason})"
+    ok, reason = pynvvideocodec_availability()
+    decode["nvdec_pynvvideocodec"] = f"{'available' if ok else 'unavailable'} ({reason})"
+    comparison = None
+    if ok:
+        from raydetect.video.nvdec import open_pynvvideocodec
+
+        for name, rgb in (("decode_only", False), ("decode_rgb_to_host", True)):
+            try:
+                dec = open_pynvvideocodec(path, rgb=rgb)
+                pynvvideocodec_decode(path, rgb, dec)  # untimed pass: session start, CUDA/torch init
+                decode[f"nvdec_pynvvideocodec_{name}"] = median_fps(lambda: pynvvideocodec_decode(path, rgb, dec),  # noqa: B023
+                                                                    args.repeats)
+                del dec
+            except Exception as e:
+                decode[f"nvdec_pynvvideocodec_{name}"] = f"failed ({type(e).__name__}: {e})"
+        try:
+            comparison = pynvvideocodec_vs_cpu(path)
+        except Exception as e:
+            comparison = {"error": f"{type(e).__name__}: {e}"}
+        print(f"pynvvideocodec vs cpu: {comparison}", flush=True)
     for k, v in decode.items():
         print(f"decode {k}: {v if isinstance(v, str) else round(v['fps_median'], 1)}", flush=True)
+
+    if args.decode_only:
+        result = {
+            "command": "python benchmarks/video.py " + " ".join(sys.argv[1:]),
+            "machine": machine(),
+            "clip": {"source": str(CLIP.relative_to(DATA.parent)), "loops": args.loops, "frames": decode[
+                "cpu_pyav_decode_only"]["frames"], "codec": info.codec, "width": info.width, "height": info.height,
+                "fps": float(info.fps), "duration_s": info.duration_s},
+            "decode": decode,
+            "nvdec_vs_cpu": comparison,
+        }
+        write(result, Path(args.out))
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
 
     # gating: thumbnails of every frame, ungated detections of the distinct frames
     from raydetect.detector import Detector
@@ -301,9 +395,8 @@ def main() -> None:
 
     result = {
         "command": "python benchmarks/video.py " + " ".join(sys.argv[1:]),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
-                    "pyav": av.__version__},
-        "clip": {"source": str(CLIP.relative_to(REPO.parent)), "loops": args.loops, "frames": len(thumbs),
+        "machine": machine(),
+        "clip": {"source": str(CLIP.relative_to(DATA.parent)), "loops": args.loops, "frames": len(thumbs),
                  "codec": info.codec, "width": info.width, "height": info.height, "fps": float(info.fps),
                  "duration_s": info.duration_s},
         "decode": decode,
@@ -314,20 +407,39 @@ def main() -> None:
             "sweep": sweep, "pipeline_check": check,
         },
     }
-    out = Path(args.out)
+    write(result, Path(args.out))
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def machine() -> dict:
+    m = {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
+         "pyav": av.__version__}
+    try:
+        import subprocess
+
+        gpu = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20).stdout.strip()
+        if gpu:
+            m["gpu"] = gpu
+    except Exception:
+        pass
+    return m
+
+
+def write(result: dict, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     out.with_suffix(".md").write_text(markdown(result) + "\n")
     print(f"wrote {out.with_suffix('.json')} and .md")
-    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def markdown(r: dict) -> str:
-    c, g = r["clip"], r["gating"]
+    c, g = r["clip"], r.get("gating")
     lines = [
         "# Video benchmark",
         "",
-        f"`{r['command']}` on {r['machine']['platform']}, {r['machine']['cpus']} CPUs, PyAV {r['machine']['pyav']}.",
+        f"`{r['command']}` on {r['machine']['platform']}, {r['machine']['cpus']} CPUs, PyAV {r['machine']['pyav']}"
+        + (f", GPU {r['machine']['gpu']}." if r["machine"].get("gpu") else "."),
         f"Clip: `{c['source']}` looped {c['loops']}x = {c['frames']} frames, {c['codec']} {c['width']}x{c['height']} "
         f"at {c['fps']:.3f} fps, {c['duration_s']:.2f} s.",
         "",
@@ -339,6 +451,31 @@ def markdown(r: dict) -> str:
     for k, v in r["decode"].items():
         value = v if isinstance(v, str) else f"{v['fps_median']:.1f}"
         lines.append(f"| {k} | {value} |")
+    cmp = r.get("nvdec_vs_cpu")
+    if cmp and "error" in cmp:
+        lines += ["", f"PyNvVideoCodec vs PyAV check failed: {cmp['error']}"]
+    elif cmp:
+        mad = cmp["mean_abs_diff_rgb"]
+        lines += [
+            "",
+            "## NVDEC (PyNvVideoCodec) vs CPU (PyAV), same file",
+            "",
+            f"Frames: NVDEC {cmp['frames_nvdec']}, CPU {cmp['frames_cpu']} (equal: {cmp['same_frame_count']}); "
+            f"same PTS: {cmp['same_pts']}. Mean absolute RGB difference (0-255) over "
+            f"{len(cmp['compared_frames'])} frames matched by {cmp['matched_by']}: "
+            + ("-" if mad is None else f"{mad:.2f}") + ".",
+            "",
+            "| frame | pts | mean abs diff | max abs diff | pixels differing > 8 |",
+            "|---|---|---|---|---|",
+        ]
+        for d in cmp["compared_frames"]:
+            if "error" in d:
+                lines.append(f"| {d['index']} | {d['pts']} | {d['error']} | | |")
+            else:
+                lines.append(f"| {d['index']} | {d['pts']} | {d['mean_abs_diff']:.2f} | {d['max_abs_diff']} | "
+                             f"{d['fraction_over_8']:.2%} |")
+    if g is None:
+        return "\n".join(lines)
     d = g["consecutive_frame_diff"]
     lines += [
         "",

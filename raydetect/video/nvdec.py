@@ -10,6 +10,11 @@ frames are assigned to the segment by that integer PTS. Decoding goes in chunks 
 ``chunk_s`` seconds so that a long segment never sits decoded in GPU memory at once.
 The detector takes host arrays, so processed frames are copied to the host once (BGR);
 the motion gate's thumbnail is computed on the GPU.
+
+A second backend, NVIDIA's ``PyNvVideoCodec`` (a self-contained wheel: its own FFmpeg demuxer and
+CUDA runtime, no torch needed), is at the end of this module: :func:`pynvvideocodec_availability`
+and :func:`iter_file_frames_pynvvideocodec` decode a local file on the GPU with the stream's
+integer PTS, for the decode benchmark and for comparison with the CPU decoder.
 """
 
 from __future__ import annotations
@@ -162,3 +167,86 @@ def iter_segment_frames_nvdec(
         lo = hi
     if beyond == 0:
         stats.eof = True
+
+
+# --- PyNvVideoCodec backend ------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=1)
+def pynvvideocodec_availability() -> tuple[bool, str]:
+    """``(usable, reason)`` for NVIDIA's PyNvVideoCodec: importable (driver, NVDEC libraries) and
+    a real decode of a tiny H.264 clip on GPU 0 returns its frames."""
+    if importlib.util.find_spec("PyNvVideoCodec") is None:
+        return False, "PyNvVideoCodec is not installed"
+    try:
+        import PyNvVideoCodec as nvc
+    except Exception as e:  # no driver, no libnvcuvid / libnvidia-encode (container without 'video')
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        return False, f"PyNvVideoCodec not usable: {type(e).__name__}: {first}"
+    try:
+        data = _tiny_h264()
+    except Exception as e:
+        return True, f"PyNvVideoCodec {nvc.__version__} (imported; no test clip: {type(e).__name__}: {e})"
+    try:
+        dec = nvc.SimpleDecoder(data, gpu_id=0, use_device_memory=True)
+        n = 0
+        while batch := dec.get_batch_frames(8):
+            n += len(batch)
+    except Exception as e:
+        return False, f"PyNvVideoCodec decode failed: {type(e).__name__}: {e}"
+    if n != 4:
+        return False, f"PyNvVideoCodec decoded {n} frames of a 4-frame test clip"
+    return True, f"PyNvVideoCodec {nvc.__version__}"
+
+
+def iter_file_frames_pynvvideocodec(
+    path: str, *, rgb_to_host: bool = False, gpu_id: int = 0, batch: int = 32, decoder=None
+) -> Iterator[tuple[int, np.ndarray | None]]:
+    """Every frame of the local file ``path`` decoded by NVDEC, in presentation order, as
+    ``(pts, rgb)``: ``pts`` in ticks of the stream time base (as PyAV gives them), ``rgb`` a host
+    HWC uint8 RGB array when ``rgb_to_host`` (GPU colour conversion, copied through DLPack with
+    torch), else ``None`` (frames stay in GPU memory as NV12: decode only).
+
+    ``decoder``: an open ``PyNvVideoCodec.SimpleDecoder`` to reuse (it is rewound to frame 0), so
+    that repeated passes do not pay the session start again."""
+    if decoder is None:
+        decoder = open_pynvvideocodec(path, rgb=rgb_to_host, gpu_id=gpu_id)
+    else:
+        decoder.seek_to_index(0)
+    to_host = None
+    if rgb_to_host:
+        import torch
+
+        to_host = lambda f: torch.from_dlpack(f).cpu().numpy()  # noqa: E731
+    while True:
+        frames = decoder.get_batch_frames(batch)
+        if not frames:
+            return
+        for f in frames:
+            yield int(f.getPTS()), (to_host(f) if to_host else None)
+
+
+def open_pynvvideocodec(path: str, *, rgb: bool = False, gpu_id: int = 0):
+    """A ``PyNvVideoCodec.SimpleDecoder`` on ``path`` with device-memory output (NV12, or RGB HWC)."""
+    import PyNvVideoCodec as nvc
+
+    color = nvc.OutputColorType.RGB if rgb else nvc.OutputColorType.NATIVE
+    return nvc.SimpleDecoder(str(path), gpu_id=gpu_id, use_device_memory=True, output_color_type=color)
+
+
+def cuda_synchronize() -> None:
+    """Wait for the GPU (cupy or torch, whichever imports), so that timings include all work."""
+    try:
+        import cupy
+
+        cupy.cuda.runtime.deviceSynchronize()
+        return
+    except Exception:
+        pass
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    except Exception:
+        pass
