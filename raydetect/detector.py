@@ -306,7 +306,7 @@ class Detector:
                 t2 = time.perf_counter()
                 rows = self._gpu_rows(preds, ids, conf, iou, max_det)
                 for i, geom, (boxes, scores, cls) in zip(ids, p.geoms, rows, strict=True):
-                    results[i].detections = self._gpu_detections(
+                    results[i].detections = self._rows_to_detections(
                         boxes, scores, cls, geom, results[i].height, results[i].width
                     )
                 t.infer += t2 - t1
@@ -328,18 +328,6 @@ class Detector:
             for j, r in zip(js, batched_postprocess(part, self.card.layout, c, u, m), strict=True):
                 out[j] = r
         return out
-
-    def _gpu_detections(
-        self, boxes: np.ndarray, scores: np.ndarray, cls: np.ndarray, geom: Letterbox, oh: int, ow: int
-    ) -> list[Detection]:
-        boxes = unletterbox_boxes(boxes, geom, oh, ow)
-        names = self.card.names
-        return [
-            Detection(
-                float(b[0]), float(b[1]), float(b[2]), float(b[3]), float(s), int(c), names.get(int(c), str(c))
-            )
-            for b, s, c in zip(boxes, scores, cls, strict=True)
-        ]
 
     def _decode(self, img: ImageInput) -> np.ndarray:
         if isinstance(img, np.ndarray) and img.ndim in (2, 3):
