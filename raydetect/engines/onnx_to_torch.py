@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from raydetect.model_card import make_batch_dynamic
+from raydetect.model_card import UnsupportedModelError, make_batch_dynamic
 from raydetect.onnx_fold import fold_for_shape
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,10 @@ class StaticSlice(nn.Module):
         axes = list(range(len(starts))) if axes is None else [int(a) for a in axes]
         steps = [1] * len(starts) if steps is None else [int(s) for s in steps]
         if any(s <= 0 for s in steps):
-            raise NotImplementedError("Slice with non-positive steps is not supported")
+            raise UnsupportedModelError(
+                f"torch engine: ONNX Slice with steps {steps} (non-positive steps) is not supported; "
+                "use the onnxruntime engine for this model"
+            )
         self.spec = [(a, int(b), int(e), s) for a, b, e, s in zip(axes, starts, ends, steps, strict=True)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
