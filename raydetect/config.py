@@ -193,6 +193,11 @@ class ServeConfig(_Strict):
     )
     host: str = Field("127.0.0.1", min_length=1)
     port: int = Field(8000, ge=1, le=65535)
+    ingress: Literal["haproxy", "proxy"] = Field(
+        "haproxy",
+        description="HTTP ingress of a Ray instance raydetect serve starts: HAProxy with direct "
+        "ingress to replicas (Ray's high-throughput mode) or the classic Python proxy",
+    )
 
     @model_validator(mode="after")
     def _check_limits(self) -> ServeConfig:

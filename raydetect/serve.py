@@ -55,20 +55,38 @@ api = FastAPI(
 )
 
 
-@api.middleware("http")
-async def _record_metrics(request: Request, call_next):
-    t0 = time.perf_counter()
-    code = 500
-    try:
-        response = await call_next(request)
-        code = response.status_code
-        return response
-    finally:
-        metrics = serve_metrics.current()
-        if metrics is not None:
-            route = request.scope.get("route")
-            path = getattr(route, "path", None) or "unmatched"
-            metrics.record_request(path, code, (time.perf_counter() - t0) * 1e3)
+class _MetricsMiddleware:
+    """Counts every response by route and status and observes its latency in the replica.
+    A plain ASGI middleware: Starlette's ``BaseHTTPMiddleware`` (``@app.middleware``) runs
+    the handler in an extra task with its own streams, which costs per request."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        t0 = time.perf_counter()
+        code = 500
+
+        async def send_and_note(message) -> None:
+            nonlocal code
+            if message["type"] == "http.response.start":
+                code = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        finally:
+            metrics = serve_metrics.current()
+            if metrics is not None:
+                route = scope.get("route")
+                path = getattr(route, "path", None) or "unmatched"
+                metrics.record_request(path, code, (time.perf_counter() - t0) * 1e3)
+
+
+api.add_middleware(_MetricsMiddleware)
 
 
 # Query parameters: FastAPI answers 422 for values outside these ranges.
@@ -231,7 +249,7 @@ class DetectorServer:
         if self.detector.gpu is None:  # CPU path: decode here, while the engine runs others
             image = await asyncio.to_thread(decode_upload, upload.data, det.max_pixels, det.max_bytes)
         else:  # GPU path: the detector decodes the whole batch (nvJPEG); check the header here
-            await asyncio.to_thread(check_upload, upload.data, det.max_pixels, det.max_bytes)
+            check_upload(upload.data, det.max_pixels, det.max_bytes)  # header only: tens of µs
             image = upload.data
         decode_ms = (time.perf_counter() - t0) * 1e3
         job = _Job(
@@ -354,9 +372,13 @@ def run_forever(cfg: ServeConfig) -> None:
     Ctrl-C; then delete the application (and stop Ray if this call started it)."""
     import ray
 
+    from raydetect.serve_ingress import ingress_from_env, use_ingress
+
     read_api_key(cfg.api_key_env)  # fail here, not in the replica, when the key is missing
     started_ray = not ray.is_initialized()
     if started_ray:
+        # Read by the Ray processes this call starts; a running cluster keeps its own mode.
+        use_ingress(cfg.ingress, drain_s=2.0)
         ray.init(logging_level=logging.WARNING)
     try:
         serve.start(
@@ -371,7 +393,7 @@ def run_forever(cfg: ServeConfig) -> None:
         url = f"http://{cfg.host}:{cfg.port}{cfg.route_prefix.rstrip('/')}"
         print(
             f"raydetect serve: {cfg.detector.model} at {url}/v1/detect "
-            f"(OpenAPI: {url}/docs); Ctrl-C stops",
+            f"(OpenAPI: {url}/docs; ingress {ingress_from_env()}); Ctrl-C stops",
             flush=True,
         )
         while True:

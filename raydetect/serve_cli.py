@@ -44,6 +44,7 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
             "api_key_env": args.api_key_env,
             "host": args.host,
             "port": args.port,
+            "ingress": args.ingress,
         },
         "serve",
     )
@@ -65,6 +66,10 @@ def add_cli(sub) -> None:
     g = p.add_argument_group("endpoint")
     g.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     g.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
+    g.add_argument("--ingress", choices=("haproxy", "proxy"), default="haproxy",
+                   help="HTTP ingress of the Ray instance this command starts: 'haproxy' (Ray Serve's "
+                        "high-throughput mode, HAProxy straight to the replicas; default) or 'proxy' "
+                        "(the classic Python proxy). A running cluster keeps the mode it was started with")
     g.add_argument("--name", default="raydetect", help="Serve application name")
     g.add_argument("--route-prefix", default="/", help="URL prefix of the application (default /)")
     g.add_argument("--replicas", default="1", help="N, or MIN:MAX to autoscale (default 1)")

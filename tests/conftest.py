@@ -37,10 +37,14 @@ def data_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """One in-process local Ray instance for the session (never an existing cluster)."""
+    """One in-process local Ray instance for the session (never an existing cluster), with
+    the Serve ingress ``raydetect serve`` uses by default (HAProxy to the replicas)."""
     import ray
 
+    from raydetect.serve_ingress import use_ingress
+
     if not ray.is_initialized():
+        use_ingress("haproxy", drain_s=1.0)
         ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False

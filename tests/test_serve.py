@@ -126,6 +126,37 @@ def test_health_model_and_openapi(client, detector):
     assert {"conf", "iou", "max_det"} <= params
 
 
+def listener_command(port: int) -> str | None:
+    """The command name of the process listening on 127.0.0.1:``port`` (from /proc)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = open(table).read().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            f = line.split()
+            if f[3] == "0A" and int(f[1].rsplit(":", 1)[1], 16) == port:  # 0A: LISTEN
+                inodes.add(f"socket:[{f[9]}]")
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+            if any(os.readlink(f"/proc/{pid}/fd/{fd}") in inodes for fd in fds):
+                return open(f"/proc/{pid}/comm").read().strip()
+        except OSError:
+            continue
+    return None
+
+
+def test_requests_go_through_haproxy_to_the_replica(server):
+    """The session's Ray runs Serve's high-throughput ingress (as ``raydetect serve`` does by
+    default): HAProxy owns the HTTP port, not a Python proxy actor."""
+    if not os.path.exists("/proc/net/tcp"):
+        pytest.skip("needs Linux /proc to find the listening process")
+    port = int(server.rsplit(":", 1)[1])
+    assert listener_command(port) == "haproxy"
+
+
 def test_responses_equal_the_batch_job_and_the_detector(server, client, detector, tmp_path):
     from raydetect.job import run_job
     from raydetect.types import table_to_results

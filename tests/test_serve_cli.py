@@ -1,5 +1,6 @@
 """`raydetect serve` as a user runs it: a subprocess that starts its own Ray, serves on
-127.0.0.1 until Ctrl-C (SIGINT), then stops cleanly."""
+127.0.0.1 until Ctrl-C (SIGINT), then stops cleanly. It runs the classic Python proxy
+(``--ingress proxy``); tests/test_serve.py covers the default HAProxy ingress."""
 
 import os
 import signal
@@ -23,7 +24,7 @@ def test_raydetect_serve_until_ctrl_c(tmp_path):
     log = open(tmp_path / "serve.log", "w+")
     cmd = [sys.executable, "-m", "raydetect.cli", "serve", "--model", str(MODELS / "yolov8n-defects.onnx"),
            "--port", str(port), "--num-cpus", "0.5", "--api-key-env", "RAYDETECT_CLI_TEST_KEY",
-           "--max-batch-size", "4", "--batch-wait-ms", "2"]
+           "--max-batch-size", "4", "--batch-wait-ms", "2", "--ingress", "proxy"]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -44,9 +45,15 @@ def test_raydetect_serve_until_ctrl_c(tmp_path):
         assert httpx.post(url + "/v1/detect", content=image, timeout=60,
                           headers={"Content-Type": "image/jpeg"}).status_code == 401
 
+        # serve.run returns (and the ready line is printed) a moment after the replica answers
+        deadline = time.monotonic() + 60
+        while "Ctrl-C stops" not in (tmp_path / "serve.log").read_text():
+            assert time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
+            time.sleep(0.5)
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=120) == 0, (tmp_path / "serve.log").read_text()
-        assert "raydetect serve: stopping" in (tmp_path / "serve.log").read_text()
+        text = (tmp_path / "serve.log").read_text()
+        assert "raydetect serve: stopping" in text and "ingress proxy" in text, text
         with pytest.raises(httpx.HTTPError):
             httpx.get(url + "/healthz", timeout=5)
     finally:
