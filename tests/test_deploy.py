@@ -75,6 +75,12 @@ def test_cluster_yaml_passes_ray_validation():
     assert 0 < cfg["idle_timeout_minutes"] <= 60
     assert any("pip install" in c and "raydetect" in c for c in cfg["setup_commands"])
     assert any("RAY_AUTH_MODE=token" in c for c in cfg["head_start_ray_commands"])
+    from raydetect.serve_ingress import INGRESS_ENV
+
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        start = next(c for c in cfg[key] if "ray start" in c)
+        for name, value in INGRESS_ENV["haproxy"].items():
+            assert f"{name}={value}" in start, (key, name)
 
 
 def test_ray_validation_rejects_a_broken_cluster_yaml():
@@ -169,7 +175,15 @@ def test_kuberay_rayservice():
     except ImportError as e:  # the Serve app is another module's; its absence is reported, not hidden
         pytest.fail(f"raydetect.serve is not importable: {e}")
     cfg = serve_config_from_args(app.args)
-    assert cfg.num_gpus == 1 and cfg.max_replicas > cfg.min_replicas
+    assert cfg.num_gpus == 0.25 and cfg.max_replicas > cfg.min_replicas
+    # every Ray container starts Ray with Serve's HAProxy ingress, as raydetect serve does
+    from raydetect.serve_ingress import INGRESS_ENV
+
+    cluster = spec["rayClusterConfig"]
+    templates = [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
+    for tpl in templates:
+        env = {e["name"]: e["value"] for e in tpl["spec"]["containers"][0].get("env", [])}
+        assert INGRESS_ENV["haproxy"].items() <= env.items(), env
 
 
 def test_kuberay_check_catches_mistakes():
