@@ -57,8 +57,8 @@ api = FastAPI(
 
 class _MetricsMiddleware:
     """Counts every response by route and status and observes its latency in the replica.
-    A plain ASGI middleware: Starlette's ``BaseHTTPMiddleware`` (``@app.middleware``) runs
-    the handler in an extra task with its own streams, which costs per request."""
+    A plain ASGI middleware: Starlette's ``BaseHTTPMiddleware`` (``@app.middleware``) adds a
+    task and a pair of memory streams to every request."""
 
     def __init__(self, app) -> None:
         self.app = app
@@ -372,10 +372,13 @@ def run_forever(cfg: ServeConfig) -> None:
     Ctrl-C; then delete the application (and stop Ray if this call started it)."""
     import ray
 
-    from raydetect.serve_ingress import ingress_from_env, use_ingress
+    from raydetect.serve_ingress import use_ingress
 
     read_api_key(cfg.api_key_env)  # fail here, not in the replica, when the key is missing
     started_ray = not ray.is_initialized()
+    # ray.init() joins a cluster named by RAY_ADDRESS (or started by `ray start`); that one
+    # keeps the ingress it was started with.
+    ingress = cfg.ingress if os.environ.get("RAY_ADDRESS", "local") == "local" else "as the cluster was started"
     if started_ray:
         # Read by the Ray processes this call starts; a running cluster keeps its own mode.
         use_ingress(cfg.ingress, drain_s=2.0)
@@ -393,7 +396,7 @@ def run_forever(cfg: ServeConfig) -> None:
         url = f"http://{cfg.host}:{cfg.port}{cfg.route_prefix.rstrip('/')}"
         print(
             f"raydetect serve: {cfg.detector.model} at {url}/v1/detect "
-            f"(OpenAPI: {url}/docs; ingress {ingress_from_env()}); Ctrl-C stops",
+            f"(OpenAPI: {url}/docs; ingress {ingress}); Ctrl-C stops",
             flush=True,
         )
         while True:
