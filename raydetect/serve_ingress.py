@@ -1,13 +1,14 @@
 """How HTTP requests reach the endpoint's replicas: Ray Serve's two ingress modes.
 
-* ``haproxy`` (default): Ray Serve's high-throughput mode (Ray >= 2.55). HAProxy listens on
+* ``haproxy`` (default): Ray Serve's high-throughput mode (Ray >= 2.56). HAProxy listens on
   the HTTP port of every node and forwards each request straight to an HTTP server inside a
   replica ("direct ingress"); ``RAY_SERVE_THROUGHPUT_OPTIMIZED`` also runs the handler on the
-  replica's own event loop. Measured on the H200 (``benchmarks/results/serve_load_gpu.md``) it
-  is what brings the endpoint's p99 under 30 ms at 32 clients.
+  replica's own event loop. With four replicas per GPU it keeps the endpoint's p99 under 30 ms
+  at 32 clients on an H200 (``benchmarks/results/serve_load_gpu.md``).
 * ``proxy``: the classic Python proxy actor per node, which hands every request to a replica
-  through a Ray actor call. On the machines here it added ~10 ms per request even for an
-  empty handler, and capped one node at ~180 requests/s.
+  through a Ray actor call. On the H200 one client waited 21.3 ms per request behind it
+  against 12.1 ms behind HAProxy, and at 32 clients one replica answered 217 requests/s
+  against 453 (``serve_load_gpu_ingress.md``).
 
 Both are cluster-wide settings read from the environment when Ray's processes start, so they
 must be set before ``ray start`` / ``ray.init`` (``cluster.yaml`` and the KubeRay manifests
