@@ -22,10 +22,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 DATA = Path(os.environ.get("RAYDETECT_TEST_DATA", REPO.parent / "shared" / "data"))
+from raydetect.serve_ingress import ingress_env  # noqa: E402
+
 VARIANTS = {
-    "proxy": {"RAY_SERVE_ENABLE_HA_PROXY": "0", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "0"},
-    "haproxy": {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "0"},
-    "haproxy+throughput": {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
+    "proxy": ingress_env("proxy", drain_s=1.0),
+    "haproxy": {**ingress_env("haproxy", drain_s=1.0), "RAY_SERVE_THROUGHPUT_OPTIMIZED": "0"},
+    "haproxy+throughput": ingress_env("haproxy", drain_s=1.0),
 }
 
 
@@ -117,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = []
     for variant in args.variants.split(","):
-        env = {**os.environ, **VARIANTS[variant], "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1",
+        env = {**os.environ, **VARIANTS[variant],
                "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
         out = subprocess.run(
             [sys.executable, __file__, "--child", variant, "--image", args.image, "--clients", args.clients,

@@ -124,25 +124,24 @@ def _point_in_process(args: tuple) -> dict:
     return asyncio.run(run_point(*args))
 
 
-def summarize(parts: list[dict]) -> dict:
+def summarize(procs: list[dict]) -> dict:
     """One point from the raw samples of every client process."""
-    lat = [x for p in parts for x in p["lat_ms"]]
-    batch = [x for p in parts for x in p["batch"]]
-    infer = [x for p in parts for x in p["infer_ms"]]
-    replica = [x for p in parts for x in p["replica_ms"]]
+    lat = [x for p in procs for x in p["lat_ms"]]
+    batch = [x for p in procs for x in p["batch"]]
+    infer = [x for p in procs for x in p["infer_ms"]]
+    replica = [x for p in procs for x in p["replica_ms"]]
     errors: dict[str, int] = {}
-    for p in parts:
+    sums: dict[str, float] = {}
+    for p in procs:
         for k, v in p["errors"].items():
             errors[k] = errors.get(k, 0) + v
-    elapsed = max(p["seconds"] for p in parts)
-    n = len(lat)
-    sums: dict[str, float] = {}
-    for p in parts:
         for k, v in p["parts"].items():
             sums[k] = sums.get(k, 0.0) + v
+    elapsed = max(p["seconds"] for p in procs)
+    n = len(lat)
     return {
-        "clients": sum(p["clients"] for p in parts),
-        "client_procs": len(parts),
+        "clients": sum(p["clients"] for p in procs),
+        "client_procs": len(procs),
         "requests": n,
         "errors": errors,
         "seconds": round(elapsed, 3),
