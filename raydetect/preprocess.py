@@ -37,6 +37,19 @@ class Letterbox:
     out_w: int
     out_h: int
 
+    @property
+    def gain_x(self) -> float:
+        """Horizontal scale of the resize as done: rounded width / original width."""
+        return self.new_w / self.orig_w if self.orig_w else self.ratio
+
+    @property
+    def gain_y(self) -> float:
+        """Vertical scale of the resize as done: rounded height / original height."""
+        return self.new_h / self.orig_h if self.orig_h else self.ratio
+
+    orig_w: int = 0  # original image size (0: unknown, the single ratio is used)
+    orig_h: int = 0
+
 
 def letterbox_geometry(h: int, w: int, out_h: int, out_w: int) -> Letterbox:
     """Same arithmetic as Ultralytics ``LetterBox(auto=False, scaleup=True, center=True)``."""
@@ -45,7 +58,7 @@ def letterbox_geometry(h: int, w: int, out_h: int, out_w: int) -> Letterbox:
     dw, dh = (out_w - new_w) / 2, (out_h - new_h) / 2
     top = int(round(dh - 0.1))
     left = int(round(dw - 0.1))
-    return Letterbox(r, new_w, new_h, left, top, out_w, out_h)
+    return Letterbox(r, new_w, new_h, left, top, out_w, out_h, orig_w=w, orig_h=h)
 
 
 def letterbox(img: np.ndarray, out_h: int, out_w: int) -> tuple[np.ndarray, Letterbox]:
@@ -66,11 +79,16 @@ def to_tensor(images: list[np.ndarray]) -> np.ndarray:
 
 
 def unletterbox_boxes(boxes: np.ndarray, g: Letterbox, orig_h: int, orig_w: int) -> np.ndarray:
-    """Map xyxy boxes from letterboxed to original pixel coordinates, clipped to the image."""
+    """Map xyxy boxes from letterboxed to original pixel coordinates, clipped to the image.
+
+    One gain per axis, from the rounded resize (``new_w / w``, ``new_h / h``), as Ultralytics
+    >= 8.4's ``scale_boxes``: the single ratio ``r`` is off by up to half a letterbox pixel
+    (about 1.5 px at 1080p) on the axis whose size was rounded."""
     out = boxes.astype(np.float32, copy=True)
     out[:, [0, 2]] -= g.pad_left
     out[:, [1, 3]] -= g.pad_top
-    out /= np.float32(g.ratio)
+    out[:, [0, 2]] /= np.float32(g.gain_x)
+    out[:, [1, 3]] /= np.float32(g.gain_y)
     out[:, [0, 2]] = out[:, [0, 2]].clip(0, orig_w)
     out[:, [1, 3]] = out[:, [1, 3]].clip(0, orig_h)
     return out
@@ -78,7 +96,9 @@ def unletterbox_boxes(boxes: np.ndarray, g: Letterbox, orig_h: int, orig_w: int)
 
 def letterbox_boxes(boxes: np.ndarray, g: Letterbox) -> np.ndarray:
     """Inverse of :func:`unletterbox_boxes` (without clipping); used by tests and calibration."""
-    out = boxes.astype(np.float32, copy=True) * np.float32(g.ratio)
+    out = boxes.astype(np.float32, copy=True)
+    out[:, [0, 2]] *= np.float32(g.gain_x)
+    out[:, [1, 3]] *= np.float32(g.gain_y)
     out[:, [0, 2]] += g.pad_left
     out[:, [1, 3]] += g.pad_top
     return out

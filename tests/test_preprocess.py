@@ -93,3 +93,27 @@ def test_decode_limits():
         decode_image(big, max_pixels=100_000, max_bytes=10**8)
     with pytest.raises(ImageError, match="file too large"):
         decode_image(big, max_pixels=10**8, max_bytes=100)
+
+
+# Ultralytics >= 8.4 ``scale_boxes``: pad = round((640 - round(w0 * r)) / 2 - 0.1) per axis and one
+# gain per axis from the rounded resize, x0 = (x - pad_x) * w0 / round(w0 * r). The expected
+# numbers below are worked out by hand from that formula.
+@pytest.mark.parametrize(
+    "h,w,box,expected",
+    [
+        # 1920x1080: r = 1/3, resize 640x360, pad top 140; both axes exact
+        (1080, 1920, [100, 200, 300, 400], [300, 180, 900, 780]),
+        # 1279x719: r = 640/1279, resize 640x360 (719 r = 359.78 rounds up), pad top 140;
+        # y gain 360/719: y 320 -> 180 * 719/360 = 359.5, y 500 -> 719 (the single ratio gives 359.72, 719.44)
+        (719, 1279, [320, 320, 640, 500], [639.5, 359.5, 1279, 719]),
+        # 333x1001 portrait: r = 640/1001, resize 213x640 (333 r = 212.91), pad left round(213.5 - 0.1) = 213;
+        # x gain 213/333: x 319.5 -> 106.5 * 333/213 = 166.5, x 426 -> 333
+        (1001, 333, [319.5, 0, 426, 640], [166.5, 0, 333, 1001]),
+    ],
+)
+def test_unletterbox_per_axis_gain_matches_ultralytics(h, w, box, expected):
+    g = letterbox_geometry(h, w, 640, 640)
+    back = unletterbox_boxes(np.array([box], np.float32), g, h, w)
+    np.testing.assert_allclose(back[0], expected, atol=2e-3)
+    again = letterbox_boxes(np.array([expected], np.float32), g)
+    np.testing.assert_allclose(again[0], box, atol=2e-3)
