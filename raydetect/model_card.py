@@ -70,7 +70,14 @@ class ModelCard:
         except Exception as e:  # protobuf DecodeError and friends
             raise UnsupportedModelError(f"{url}: not an ONNX model ({e})") from None
         meta = {p.key: p.value for p in model.metadata_props}
-        in_name, in_shape, out_name, out_shape = _io_shapes(model, url)
+        meta_names = _parse_names(meta.get("names"))
+        in_name, in_shape, out_name, out_shape = _io_shapes(model, url, len(meta_names) or None)
+        extra_outputs = len(model.graph.output) > 1
+        if extra_outputs:
+            others = [o.name for o in model.graph.output if o.name != out_name]
+            log.info("%s: using detection output %r %s; ignoring the other outputs %s",
+                     url, out_name, out_shape, others)
+            model = keep_only_output(model, out_name)
         task = meta.get("task", "detect")
         if task != "detect":
             raise UnsupportedModelError(f"{url}: task {task!r} is not supported (only 'detect')")
@@ -79,7 +86,7 @@ class ModelCard:
                 f"{url}: found an end-to-end export with NMS inside (output {out_shape}); "
                 "export without nms/end2end so raydetect can run its own NMS"
             )
-        names = _parse_names(meta.get("names"))
+        names = meta_names
         layout, nc = _layout(out_shape, len(names) if names else None, url)
         if not names:
             names = {i: f"class{i}" for i in range(nc)}
@@ -105,7 +112,7 @@ class ModelCard:
             output_name=out_name,
             static_batch=static,
             batch_rewritten=rewritten,
-            onnx_bytes=model.SerializeToString() if rewritten else raw,
+            onnx_bytes=model.SerializeToString() if rewritten or extra_outputs else raw,
             metadata=meta,
         )
 
@@ -114,7 +121,10 @@ def _dims(vi: onnx.ValueInfoProto) -> list[int | str]:
     return [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in vi.type.tensor_type.shape.dim]
 
 
-def _io_shapes(model: onnx.ModelProto, url: str):
+def _io_shapes(model: onnx.ModelProto, url: str, nc: int | None = None):
+    """(input name, input dims, detection output name, its dims). Exports that also emit the raw
+    head maps (YOLOv5, some YOLOv8 exports: 4-D/5-D outputs next to the decoded ``[B, C, N]``
+    one) are accepted: the one 3-D output whose shape is a YOLOv8/YOLOv5 head is picked."""
     inits = {i.name for i in model.graph.initializer}
     inputs = [i for i in model.graph.input if i.name not in inits]
     outs = list(model.graph.output)
@@ -125,12 +135,67 @@ def _io_shapes(model: onnx.ModelProto, url: str):
         raise UnsupportedModelError(
             f"{url}: unsupported graph, expected one NCHW input with 3 channels; found {found}"
         )
-    if len(outs) != 1 or len(_dims(outs[0])) != 3:
+    heads = []
+    for o in outs:
+        if len(_dims(o)) != 3:
+            continue
+        try:
+            _layout(_dims(o), nc, url)
+        except UnsupportedModelError:
+            continue
+        heads.append(o)
+    three_d = [o for o in outs if len(_dims(o)) == 3]
+    if not heads and len(three_d) == 1:
+        _layout(_dims(three_d[0]), nc, url)  # raises, saying why this output is not a YOLO head
+    if len(heads) != 1:
+        what = "no" if not heads else f"{len(heads)} candidate"
         raise UnsupportedModelError(
             f"{url}: unsupported graph, expected one [batch, C, N] or [batch, N, C] detection "
-            f"output (YOLOv8/YOLO11 or YOLOv5 head); found {found}"
+            f"output (YOLOv8/YOLO11 or YOLOv5 head), found {what} such outputs; {found}"
         )
-    return inputs[0].name, _dims(inputs[0]), outs[0].name, _dims(outs[0])
+    return inputs[0].name, _dims(inputs[0]), heads[0].name, _dims(heads[0])
+
+
+def keep_only_output(model: onnx.ModelProto, name: str) -> onnx.ModelProto:
+    """A copy of ``model`` whose only graph output is ``name``, without the nodes that fed only
+    the outputs dropped (raw head maps of YOLOv5-style exports)."""
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    g = model.graph
+    keep_out = [o for o in g.output if o.name == name]
+    del g.output[:]
+    g.output.extend(keep_out)
+    producer = {out: i for i, n in enumerate(g.node) for out in n.output}
+    needed: set[int] = set()
+    stack = [name]
+    seen: set[str] = set()
+    while stack:
+        t = stack.pop()
+        if t in seen:
+            continue
+        seen.add(t)
+        i = producer.get(t)
+        if i is None or i in needed:
+            continue
+        needed.add(i)
+        stack.extend(x for x in g.node[i].input if x)
+        for a in g.node[i].attribute:  # subgraphs (If/Loop) read outer tensors by name
+            if a.type == onnx.AttributeProto.GRAPH:
+                stack.extend(x for n in a.g.node for x in n.input if x)
+    nodes = [n for i, n in enumerate(g.node) if i in needed]
+    del g.node[:]
+    g.node.extend(nodes)
+    used = {x for n in g.node for x in n.input} | {name}
+    for a in [n for n in g.node]:
+        for att in a.attribute:
+            if att.type == onnx.AttributeProto.GRAPH:
+                used |= {x for n in att.g.node for x in n.input}
+    inits = [t for t in g.initializer if t.name in used]
+    del g.initializer[:]
+    g.initializer.extend(inits)
+    vis = [v for v in g.value_info if v.name in used]
+    del g.value_info[:]
+    g.value_info.extend(vis)
+    return model
 
 
 def _parse_names(s: str | None) -> dict[int, str]:

@@ -11,11 +11,11 @@ from onnx import TensorProto, helper, numpy_helper
 from raydetect.config import ConfigError, DetectorConfig, validate
 from raydetect.detector import Detector
 from raydetect.model_card import ModelCard, UnsupportedModelError
-from tests.conftest import MODELS
+from tests.conftest import DATA, MODELS
 
 
 def tiny_model(*, layout="yolov8", mix_batch=False, names="{0: 'a', 1: 'b'}", in_ch=3,
-               extra_output=False, meta=None) -> bytes:
+               extra_output=False, head_output=True, meta=None) -> bytes:
     """A small real ONNX graph with a YOLO-shaped output, static batch 1, imgsz 32."""
     nc = 2
     c_out = 4 + nc if layout == "yolov8" else 5 + nc
@@ -35,7 +35,7 @@ def tiny_model(*, layout="yolov8", mix_batch=False, names="{0: 'a', 1: 'b'}", in
     if layout == "yolov5":
         nodes.append(helper.make_node("Transpose", ["r"], ["output0"], perm=[0, 2, 1]))
         out_shape = [1, 1024, c_out]
-    outputs = [helper.make_tensor_value_info("output0", TensorProto.FLOAT, out_shape)]
+    outputs = [helper.make_tensor_value_info("output0", TensorProto.FLOAT, out_shape)] if head_output else []
     if extra_output:
         nodes.append(helper.make_node("Identity", ["c"], ["protos"]))
         outputs.append(helper.make_tensor_value_info("protos", TensorProto.FLOAT, [1, c_out, 32, 32]))
@@ -87,7 +87,8 @@ def test_yolov5_layout_and_names():
     "kwargs,match",
     [
         ({"in_ch": 1}, r"expected one NCHW input with 3 channels; found inputs \[\('images', \[1, 1, 32, 32\]\)\]"),
-        ({"extra_output": True}, r"found inputs .* outputs \[\('output0', \[1, 6, 1024\]\), \('protos'"),
+        ({"extra_output": True, "head_output": False},
+         r"found no such outputs; inputs .* outputs \[\('protos', \[1, 6, 32, 32\]\)\]"),
         ({"meta": {"task": "segment"}}, "task 'segment' is not supported"),
         ({"meta": {"end2end": "True"}}, "end-to-end export with NMS inside"),
         ({"names": "{0: 'a', 1: 'b', 2: 'c'}"}, r"matches neither a YOLOv8/YOLO11 head \[B, 4\+3, N\]"),
@@ -96,6 +97,34 @@ def test_yolov5_layout_and_names():
 def test_unsupported_graphs_clear_errors(kwargs, match):
     with pytest.raises(UnsupportedModelError, match=match):
         ModelCard.from_bytes(tiny_model(**kwargs), "tiny.onnx")
+
+
+def with_raw_head_outputs(path) -> bytes:
+    """``path`` (the YOLOv5 COCO export, detection output only) with the three raw head maps
+    ``[1, 3, H, W, 85]`` added as outputs, as YOLOv5's own export emits them."""
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(path)))
+    maps = [v for v in model.graph.value_info
+            if v.name.startswith("onnx::Sigmoid_") and len(v.type.tensor_type.shape.dim) == 5]
+    assert len(maps) == 3
+    model.graph.output.extend(maps)
+    return model.SerializeToString()
+
+
+def test_extra_output_export_picks_the_detection_output(tmp_path, caplog):
+    src = MODELS / "yolov5n-coco.onnx"
+    extra = tmp_path / "yolov5n-coco-extra.onnx"
+    extra.write_bytes(with_raw_head_outputs(src))
+    assert len(onnx.load(str(extra)).graph.output) == 4
+    with caplog.at_level(logging.INFO, logger="raydetect.model_card"):
+        card = ModelCard.load(str(extra))
+    assert "using detection output 'output0' [1, 25200, 85]; ignoring the other outputs" in caplog.text
+    assert card.output_name == "output0" and card.layout == "yolov5" and card.num_classes == 80
+    assert [o.name for o in onnx.load_model_from_string(card.onnx_bytes).graph.output] == ["output0"]
+    bus = (DATA / "images" / "bus.jpg").read_bytes()
+    a = Detector({"model": str(src), "conf": 0.25}).detect([bus])[0]
+    b = Detector({"model": str(extra), "conf": 0.25}).detect([bus])[0]
+    assert {"bus", "car"} <= {d.class_name for d in a.detections}
+    assert a.detections == b.detections
 
 
 def test_not_onnx():
