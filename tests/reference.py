@@ -35,13 +35,16 @@ def reference_detections(pred_v8: np.ndarray, conf: float, iou_thr: float, max_d
             kept.append((s, _j, c, box))
         if len(kept) == max_det:
             break
-    # letterbox geometry, re-derived: scale to fit, centre, padding rounded as Ultralytics
+    # letterbox geometry, re-derived: scale to fit, centre, padding rounded as Ultralytics, one
+    # gain per axis from the rounded resize (Ultralytics >= 8.4 scale_boxes)
     r = min(size / orig_h, size / orig_w)
-    pad_x = round((size - round(orig_w * r)) / 2 - 0.1)
-    pad_y = round((size - round(orig_h * r)) / 2 - 0.1)
+    new_w, new_h = round(orig_w * r), round(orig_h * r)
+    pad_x = round((size - new_w) / 2 - 0.1)
+    pad_y = round((size - new_h) / 2 - 0.1)
+    gx, gy = new_w / orig_w, new_h / orig_h
     out = []
     for s, _, c, (x1, y1, x2, y2) in kept:
-        bx = [(x1 - pad_x) / r, (y1 - pad_y) / r, (x2 - pad_x) / r, (y2 - pad_y) / r]
+        bx = [(x1 - pad_x) / gx, (y1 - pad_y) / gy, (x2 - pad_x) / gx, (y2 - pad_y) / gy]
         bx = [min(max(bx[0], 0), orig_w), min(max(bx[1], 0), orig_h),
               min(max(bx[2], 0), orig_w), min(max(bx[3], 0), orig_h)]
         out.append((*bx, s, c))
