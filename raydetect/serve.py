@@ -11,6 +11,8 @@ raydetect.serve:app_builder model=M`` or ``serve run deploy/serve_config.yaml``.
 import asyncio
 import logging
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -367,6 +369,11 @@ app = app_builder
 # --- CLI ---------------------------------------------------------------------------------
 
 
+def _sigterm_as_ctrl_c(signum, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the clean-up short
+    raise KeyboardInterrupt
+
+
 def run_forever(cfg: ServeConfig) -> None:
     """Start (or join) Ray, run the application on ``cfg.host:cfg.port`` and block until
     Ctrl-C; then delete the application (and stop Ray if this call started it)."""
@@ -383,6 +390,10 @@ def run_forever(cfg: ServeConfig) -> None:
         # Read by the Ray processes this call starts; a running cluster keeps its own mode.
         use_ingress(cfg.ingress, drain_s=2.0)
         ray.init(logging_level=logging.WARNING)
+    # SIGTERM (kill, systemd, docker stop) stops like Ctrl-C: exit 0, no stack dump. Set after
+    # ray.init, whose driver handler would exit with status 15.
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _sigterm_as_ctrl_c)
     try:
         serve.start(
             http_options={

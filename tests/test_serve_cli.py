@@ -1,5 +1,5 @@
 """`raydetect serve` as a user runs it: a subprocess that starts its own Ray, serves on
-127.0.0.1 until Ctrl-C (SIGINT), then stops cleanly. It runs the classic Python proxy
+127.0.0.1 until Ctrl-C (SIGINT) or SIGTERM, then stops cleanly (exit 0, no stack dump). It runs the classic Python proxy
 (``--ingress proxy``); tests/test_serve.py covers the default HAProxy ingress."""
 
 import os
@@ -14,7 +14,8 @@ import pytest
 from tests.conftest import DEFECTS, MODELS, REPO, free_port
 
 
-def test_raydetect_serve_until_ctrl_c(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_raydetect_serve_until_ctrl_c(tmp_path, sig):
     port = free_port()
     env = {
         **os.environ,
@@ -50,10 +51,11 @@ def test_raydetect_serve_until_ctrl_c(tmp_path):
         while "Ctrl-C stops" not in (tmp_path / "serve.log").read_text():
             assert time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
             time.sleep(0.5)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         assert proc.wait(timeout=120) == 0, (tmp_path / "serve.log").read_text()
         text = (tmp_path / "serve.log").read_text()
         assert "raydetect serve: stopping" in text and "ingress proxy" in text, text
+        assert "Traceback" not in text, text
         with pytest.raises(httpx.HTTPError):
             httpx.get(url + "/healthz", timeout=5)
     finally:
