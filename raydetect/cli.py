@@ -121,8 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         from raydetect.engines.base import EngineUnavailableError
         from raydetect.model_card import UnsupportedModelError
+        from raydetect.resources import InsufficientResourcesError
 
-        if isinstance(e, (EngineUnavailableError, UnsupportedModelError)):
+        if isinstance(e, (EngineUnavailableError, UnsupportedModelError, InsufficientResourcesError)):
             print(f"raydetect {args.command}: error: {e}", file=sys.stderr)
             return 2
         raise

@@ -157,6 +157,11 @@ class JobConfig(_Strict):
     )
     report: bool = Field(True, description="Write OUTPUT/_report (JSON, Markdown, plot, samples)")
     report_samples: int = Field(4, ge=0, le=100, description="Annotated sample images in the report")
+    resource_wait_s: float = Field(
+        300.0, ge=0.0, le=86_400.0,
+        description="How long to wait for an autoscaler to add nodes that fit the detector actors before "
+        "failing (a Ray instance the job started itself cannot grow: no wait)",
+    )
 
     @field_validator("extensions")
     @classmethod

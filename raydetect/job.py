@@ -193,6 +193,10 @@ def run_job(cfg: JobConfig, *, overwrite: bool = False) -> JobSummary:
             ray.init(logging_level=logging.WARNING)
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = cfg.progress
+        from raydetect.resources import wait_for_actor_resources
+
+        wait_for_actor_resources(cfg.num_cpus, cfg.num_gpus, min(cfg.min_actors, cfg.concurrency),
+                                 cfg.resource_wait_s)
     timeline: list[tuple[float, int]] = []
     t0 = time.perf_counter()
     stats = sh.WriteStats()
@@ -252,6 +256,9 @@ def add_job_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-report", action="store_true", help="skip OUTPUT/_report (report, plot, samples)")
     p.add_argument("--report-samples", type=int, default=4, help="annotated sample images in the report")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--resource-wait-s", type=float, default=300.0,
+                   help="fail when no node fits the detector actors (--num-gpus/--num-cpus) after this "
+                        "wait for an autoscaler, seconds (default 300; no wait on a Ray this command started)")
     add_detector_args(p)
     add_storage_args(p)
     from raydetect.video.cli_args import add_video_args
@@ -280,6 +287,7 @@ def job_config(args: argparse.Namespace) -> JobConfig:
             "shard_size": args.shard_size,
             "report": not args.no_report,
             "report_samples": args.report_samples,
+            "resource_wait_s": args.resource_wait_s,
             "video": video_options(args),
         },
         "job",
