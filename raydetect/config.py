@@ -218,6 +218,19 @@ class ServeConfig(_Strict):
         return self
 
 
+def parse_replicas(value: str | int) -> tuple[int, int]:
+    """``"2"`` → (2, 2); ``"1:4"`` → (1, 4) (autoscaling between them): the ``replicas``
+    spelling of :class:`ServeConfig`'s ``min_replicas``/``max_replicas`` (CLI and builder)."""
+    text = str(value).strip()
+    lo, sep, hi = text.partition(":")
+    try:
+        low = int(lo)
+        high = int(hi) if sep else low
+    except ValueError:
+        raise ConfigError(f"serve.replicas: expected N or MIN:MAX (got {text!r})") from None
+    return low, high
+
+
 class BenchConfig(_Strict):
     """``raydetect bench``: engine-only and end-to-end throughput per batch size."""
 

@@ -18,8 +18,8 @@ import onnx
 from onnx import numpy_helper
 
 from raydetect.config import StorageConfig
-from raydetect.postprocess import HeadLayout
 from raydetect.storage import read_bytes, sha256_bytes
+from raydetect.types import HeadLayout
 
 log = logging.getLogger(__name__)
 

@@ -14,14 +14,9 @@ never suppress each other, a box is suppressed when its IoU with a kept box is >
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
-
 import numpy as np
 
-if TYPE_CHECKING:
-    from raydetect.engines.base import NMSOutput
-
-HeadLayout = Literal["yolov8", "yolov5"]
+from raydetect.types import HeadLayout, NMSOutput
 
 MAX_WH = 7680.0  # class offset for class-aware NMS (as Ultralytics)
 MAX_NMS = 30000

@@ -23,9 +23,8 @@ from fastapi.responses import JSONResponse
 from ray import serve
 
 from raydetect import __version__, serve_metrics
-from raydetect.config import ConfigError, DetectorConfig, ServeConfig, validate
+from raydetect.config import ConfigError, DetectorConfig, ServeConfig, parse_replicas, validate
 from raydetect.detector import Detector
-from raydetect.serve_cli import parse_replicas
 from raydetect.serve_http import (
     IMAGE_TYPES,
     MULTIPART,

@@ -5,19 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from raydetect.config import ConfigError, ServeConfig, validate
-
-
-def parse_replicas(value: str | int) -> tuple[int, int]:
-    """``"2"`` → (2, 2); ``"1:4"`` → (1, 4) (autoscaling between them)."""
-    text = str(value).strip()
-    lo, sep, hi = text.partition(":")
-    try:
-        low = int(lo)
-        high = int(hi) if sep else low
-    except ValueError:
-        raise ConfigError(f"serve.replicas: expected N or MIN:MAX (got {text!r})") from None
-    return low, high
+from raydetect.config import ServeConfig, parse_replicas, validate
 
 
 def serve_config(args: argparse.Namespace) -> ServeConfig:

@@ -3,50 +3,17 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
 from typing import Any, ClassVar
-
-import numpy as np
 
 from raydetect.config import DetectorConfig
 from raydetect.model_card import ModelCard
+from raydetect.types import NMSOutput
+
+__all__ = ["Engine", "EngineUnavailableError", "NMSOutput"]
 
 
 class EngineUnavailableError(RuntimeError):
     """The runtime an engine needs is not installed or has no device here."""
-
-
-@dataclass(frozen=True)
-class NMSOutput:
-    """Final detections of a batch from an engine that runs NMS inside its network
-    (``Engine.nms_in_engine``). Host NumPy arrays (they are small: ``B x K``):
-
-    * ``num`` ``[B]`` int64: valid rows per image (the first ``num[i]`` rows of image ``i``);
-    * ``boxes`` ``[B, K, 4]`` float32: x1, y1, x2, y2 in letterboxed model-input pixels;
-    * ``scores`` ``[B, K]`` float32, highest first within an image;
-    * ``classes`` ``[B, K]`` int64 class ids.
-
-    Rows past ``num[i]`` are padding. The detector maps rows to detections with
-    :func:`raydetect.postprocess.nms_output_rows` (no NMS of its own).
-    """
-
-    num: np.ndarray
-    boxes: np.ndarray
-    scores: np.ndarray
-    classes: np.ndarray
-
-    def __post_init__(self) -> None:
-        b = self.num.shape[0]
-        if self.boxes.ndim != 3 or self.boxes.shape[0] != b or self.boxes.shape[2] != 4:
-            raise ValueError(f"NMSOutput.boxes must be [{b}, K, 4], got {self.boxes.shape}")
-        k = self.boxes.shape[1]
-        for name in ("scores", "classes"):
-            shape = getattr(self, name).shape
-            if shape != (b, k):
-                raise ValueError(f"NMSOutput.{name} must be [{b}, {k}], got {shape}")
-
-    def __len__(self) -> int:
-        return int(self.num.shape[0])
 
 
 class Engine(ABC):
