@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from raydetect.config import DEFAULT_IMAGE_EXTENSIONS, StorageConfig
-from raydetect.storage import filesystem, full_url, is_remote_fs
+from raydetect.storage import filesystem, is_remote_fs, to_uri
 from raydetect.types import ImageResult
 
 log = logging.getLogger(__name__)
@@ -190,8 +190,8 @@ def _subdirs(fs, path: str) -> list[str]:
 def _yolo_set(fs, img_dir: str, source: str, split, names, extensions) -> LabelledSet:
     files = _image_files(fs, img_dir, extensions)
     if not files:
-        raise DatasetError(f"{source}: no images ({', '.join(extensions)}) under {full_url(fs, img_dir)}")
-    items = [LabelledImage(uri=full_url(fs, f), label_uri=full_url(fs, _img2label(f))) for f in files]
+        raise DatasetError(f"{source}: no images ({', '.join(extensions)}) under {to_uri(fs, img_dir)}")
+    items = [LabelledImage(uri=to_uri(fs, f), label_uri=to_uri(fs, _img2label(f))) for f in files]
     return LabelledSet(items, names, "yolo", source, split)
 
 
@@ -228,10 +228,10 @@ def _load_yaml(fs, path: str, source: str, split: str | None, extensions) -> Lab
                     if line:
                         files.append(line if posixpath.isabs(line) else posixpath.normpath(posixpath.join(root, line)))
         else:
-            raise DatasetError(f"{source}: split {split!r} entry {e!r} not found at {full_url(fs, p)}")
+            raise DatasetError(f"{source}: split {split!r} entry {e!r} not found at {to_uri(fs, p)}")
     if not files:
         raise DatasetError(f"{source}: split {split!r} has no images")
-    items = [LabelledImage(uri=full_url(fs, f), label_uri=full_url(fs, _img2label(f))) for f in sorted(files)]
+    items = [LabelledImage(uri=to_uri(fs, f), label_uri=to_uri(fs, _img2label(f))) for f in sorted(files)]
     return LabelledSet(items, names, "yolo", source, split)
 
 
@@ -262,7 +262,7 @@ def _load_coco(fs, path: str, source: str, images: str | None, storage, extensio
         by_image.setdefault(a["image_id"], []).append(GroundTruth(cat_to_idx[a["category_id"]], x, y, w, h))
     items = []
     for im in sorted(doc["images"], key=lambda i: i["file_name"]):
-        uri = full_url(img_fs, posixpath.join(img_root, im["file_name"]))
+        uri = to_uri(img_fs, posixpath.join(img_root, im["file_name"]))
         items.append(
             LabelledImage(
                 uri=uri, boxes=by_image.get(im["id"], []), width=im.get("width"), height=im.get("height")

@@ -23,7 +23,7 @@ import pyarrow.dataset as pads
 
 from raydetect import shards as sh
 from raydetect.config import JobConfig, validate
-from raydetect.storage import filesystem, is_remote_fs, list_files, read_bytes, sha256_bytes
+from raydetect.storage import filesystem, list_files, read_bytes, sha256_bytes, uri_prefix
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ def build_dataset(cfg: JobConfig, files: list[str], fs):
         MeteredDetector,
         fn_constructor_kwargs={
             "config": cfg.detector,
-            "uri_prefix": "s3://" if is_remote_fs(fs) else "",
+            "uri_prefix": uri_prefix(fs),
             "job": cfg.output,
         },
         batch_size=cfg.rows_per_call or cfg.detector.batch_size,
@@ -184,9 +184,9 @@ def run_job(cfg: JobConfig, *, overwrite: bool = False) -> JobSummary:
             f"no images ({', '.join(cfg.extensions)}) or videos ({', '.join(cfg.video.extensions)}) "
             f"under {cfg.input}"
         )
-    uri_prefix = "s3://" if is_remote_fs(in_fs) else ""
+    prefix = uri_prefix(in_fs)
     out_fs, out_path = prepare_output(cfg, job_manifest(cfg), overwrite)
-    plan = sh.plan_resume(out_fs, out_path, files, cfg.shard_size, uri_prefix)
+    plan = sh.plan_resume(out_fs, out_path, files, cfg.shard_size, prefix)
     total_shards = len(plan.pending) + len([d for d in plan.done if d not in plan.stale_parts])
     if plan.pending or videos:
         if not ray.is_initialized():
@@ -202,7 +202,7 @@ def run_job(cfg: JobConfig, *, overwrite: bool = False) -> JobSummary:
     stats = sh.WriteStats()
     if plan.pending:
         log.info("%d of %d shards to run (%d images)", len(plan.pending), total_shards, len(plan.pending_paths))
-        stats = run_images(cfg, in_fs, out_fs, out_path, plan, uri_prefix, timeline)
+        stats = run_images(cfg, in_fs, out_fs, out_path, plan, prefix, timeline)
     seconds = time.perf_counter() - t0
     summary = summarize(out_fs, out_path, len(files), seconds, cfg.output)
     summary.processed = len(plan.pending_paths)
@@ -213,7 +213,7 @@ def run_job(cfg: JobConfig, *, overwrite: bool = False) -> JobSummary:
     if videos:  # after the images: summarize() reads the top level of the output only then
         summary.video = run_video_job(cfg, in_fs, videos)
     if cfg.report and files:
-        summary.report = _write_report(cfg, summary, timeline, in_fs, out_fs, out_path, uri_prefix,
+        summary.report = _write_report(cfg, summary, timeline, in_fs, out_fs, out_path, prefix,
                                        keep_existing=not plan.pending)
     return summary
 

@@ -39,7 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from raydetect.config import DEFAULT_IMAGE_EXTENSIONS, ConfigError, StorageConfig, validate
 from raydetect.model_card import ModelCard
 from raydetect.preprocess import ImageError, decode_image, letterbox, to_tensor
-from raydetect.storage import filesystem, full_url, is_remote_fs, list_files
+from raydetect.storage import filesystem, is_remote_fs, list_files, to_uri
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +149,7 @@ def select_calibration_images(
         if len(chosen) == images:
             break
         path = files[int(i)]
-        uri = full_url(fs, path)
+        uri = to_uri(fs, path)
         try:
             with fs.open(path, "rb") as f:
                 data = f.read()

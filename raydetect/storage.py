@@ -29,9 +29,27 @@ def filesystem(url: str, storage: StorageConfig | None = None) -> tuple[fsspec.A
     return fs, os.path.abspath(path)
 
 
-def full_url(fs: fsspec.AbstractFileSystem, path: str) -> str:
-    """The URL a user would write for ``path`` on ``fs`` (keeps the s3:// scheme)."""
+def to_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """The URI a user would write for ``path`` on ``fs``: the filesystem's own scheme
+    (``s3://bucket/key``, ``gs://bucket/key``, …) for remote filesystems, the plain path for
+    local files. The one place where paths become the ``uri`` of result rows, reports and
+    error messages."""
     return fs.unstrip_protocol(path) if is_remote_fs(fs) else path
+
+
+#: Former name of :func:`to_uri`.
+full_url = to_uri
+
+
+def uri_prefix(fs: fsspec.AbstractFileSystem) -> str:
+    """What :func:`to_uri` puts in front of a path on ``fs`` (``"s3://"``, ``"gs://"``, or
+    ``""`` for local files): handed to Ray actors that build row URIs from the paths Ray Data
+    reads, and stripped again to find an input's path from its row."""
+    probe = "/bucket/key"
+    uri = to_uri(fs, probe)
+    if not uri.endswith(probe):  # to_uri is not scheme + path on this filesystem
+        raise ValueError(f"{type(fs).__name__}: URIs are not a prefix + the path ({uri!r} for {probe!r})")
+    return uri[: len(uri) - len(probe)]
 
 
 def is_remote_fs(fs: fsspec.AbstractFileSystem) -> bool:

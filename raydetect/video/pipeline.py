@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 
 from raydetect import shards as sh
 from raydetect.config import DetectorConfig, JobConfig, StorageConfig, VideoConfig
-from raydetect.storage import filesystem, full_url
+from raydetect.storage import filesystem, to_uri
 from raydetect.types import VIDEO_SUMMARY_SCHEMA, frame_results_to_table
 from raydetect.video.detect import SegmentTask, detect_segment, plan_video
 
@@ -260,7 +260,7 @@ class VideoJobSummary:
 def run_video_job(cfg: JobConfig, in_fs, paths: list[str]) -> VideoJobSummary:
     """Run the video part of the batch job for ``paths`` on ``in_fs`` (Ray must be initialised).
     The output folder is expected to have been prepared (emptied) by the caller."""
-    uris = [full_url(in_fs, p) for p in paths]
+    uris = [to_uri(in_fs, p) for p in paths]
     out = cfg.output.rstrip("/")
     t0 = time.perf_counter()
     segment_rows = build_video_dataset(cfg, uris).take_all()
