@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from raydetect.config import DEFAULT_IMAGE_EXTENSIONS, StorageConfig
+from raydetect.config import DEFAULT_IMAGE_EXTENSIONS, DetectorConfig, StorageConfig
 from raydetect.storage import filesystem, is_remote_fs, to_uri
 from raydetect.types import ImageResult
 
@@ -501,7 +501,8 @@ def evaluate(
     if errors:
         log.warning("%d of %d images could not be evaluated (first: %s)", len(errors), len(items), errors[0])
     if not gt_images:
-        raise DatasetError(f"{dataset.source}: none of the {len(items)} images could be read")
+        first = f" (first: {errors[0]['uri']}: {errors[0]['error']})" if errors else ""
+        raise DatasetError(f"{dataset.source}: none of the {len(items)} images could be evaluated{first}")
     by_cat = {cat_id[c]: n for c, n in names.items()}
     result = coco_map(gt_images, gt_boxes, dets, by_cat, max_det)
     idx = {v: k for k, v in cat_id.items()}
@@ -553,11 +554,10 @@ def evaluate_model(
     storage: StorageConfig | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> EvalReport:
-    """Build a detector for ``model`` and :func:`evaluate` it on ``data``."""
-    from raydetect.config import DetectorConfig, validate
-    from raydetect.detector import Detector
+    """Build a detector for ``model`` and :func:`evaluate` it on ``data`` (the common
+    settings as keywords; :func:`evaluate_config` takes a whole :class:`DetectorConfig`)."""
+    from raydetect.config import validate
 
-    dataset = data if isinstance(data, LabelledSet) else load_dataset(data, split, storage)
     cfg = validate(
         DetectorConfig,
         {
@@ -574,18 +574,35 @@ def evaluate_model(
         },
         "detector",
     )
+    return evaluate_config(cfg, data, split=split, limit=limit, seed=seed, progress=progress)
+
+
+def evaluate_config(
+    cfg: DetectorConfig,
+    data: str | LabelledSet,
+    *,
+    split: str | None = "test",
+    limit: int | None = None,
+    seed: int = 0,
+    progress: Callable[[int, int], None] | None = None,
+) -> EvalReport:
+    """Build a detector from ``cfg`` (every setting: thresholds, batch size, ``max_pixels``,
+    ``max_bytes``, the TensorRT options, storage) and :func:`evaluate` it on ``data``."""
+    from raydetect.detector import Detector
+
+    dataset = data if isinstance(data, LabelledSet) else load_dataset(data, split, cfg.storage)
     detector = Detector(cfg)
     try:
         return evaluate(
             detector,
             dataset,
-            conf=conf,
-            iou=iou,
-            max_det=max_det,
-            batch_size=batch_size,
+            conf=cfg.conf,
+            iou=cfg.iou,
+            max_det=cfg.max_det,
+            batch_size=cfg.batch_size,
             limit=limit,
             seed=seed,
-            storage=storage,
+            storage=cfg.storage,
             progress=progress,
         )
     finally:
@@ -653,22 +670,8 @@ def _run_cli(args, cfg, storage) -> int:
         if sys.stderr.isatty() or done == total:
             print(f"\r{done}/{total} images", end="\n" if done == total else "", file=sys.stderr)
 
-    report = evaluate_model(
-        cfg.model,
-        dataset,
-        engine=cfg.engine,
-        precision=cfg.precision,
-        conf=cfg.conf,
-        iou=cfg.iou,
-        max_det=cfg.max_det,
-        batch_size=cfg.batch_size,
-        limit=args.limit,
-        seed=args.seed,
-        threads=cfg.threads,
-        device=cfg.device,
-        storage=storage,
-        progress=progress,
-    )
+    # the whole DetectorConfig: --max-pixels, --max-bytes and --trt-cache take effect too
+    report = evaluate_config(cfg, dataset, limit=args.limit, seed=args.seed, progress=progress)
     print(report.table())
     print(report.line())
     if args.report:

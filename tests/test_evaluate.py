@@ -218,6 +218,41 @@ def test_cli_eval_writes_json_report_with_per_class_ap(small_set, tmp_path, caps
     assert rep["evaluator"].startswith("pycocotools")
 
 
+def test_cli_eval_max_pixels_takes_effect(small_set, tmp_path, capsys):
+    """--max-pixels reaches the detector (it used to be dropped): images larger than it are
+    reported as errors and left out of the mAP."""
+    from raydetect.cli import main
+
+    # the defect images are all 780x144: half of a copy of the set is downscaled (YOLO labels
+    # are relative, they stay right), and --max-pixels sits between the two sizes
+    root = tmp_path / "set"
+    shutil.copytree(small_set, root, ignore=shutil.ignore_patterns("*.json"))
+    pixels = {}
+    for i, p in enumerate(sorted((root / "images").iterdir())):
+        im = cv2.imread(str(p))
+        if i % 2:
+            im = cv2.resize(im, (im.shape[1] // 2, im.shape[0] // 2), interpolation=cv2.INTER_AREA)
+            cv2.imwrite(str(p), im)
+        pixels[p.name] = im.shape[0] * im.shape[1]
+    limit = (min(pixels.values()) + max(pixels.values())) // 2
+    too_large = sorted(n for n, px in pixels.items() if px > limit)
+    assert 0 < len(too_large) < len(pixels)
+    out = tmp_path / "eval.json"
+    rc = main(["eval", "--model", MODEL, "--data", str(root), "--engine", "onnxruntime",
+               "--batch-size", "8", "--max-pixels", str(limit), "--report", str(out)])
+    assert rc == 0
+    rep = json.loads(out.read_text())
+    assert rep["images"] == len(pixels) and rep["images_evaluated"] == len(pixels) - len(too_large)
+    assert sorted(e["uri"].rsplit("/", 1)[1] for e in rep["errors"]) == too_large
+    assert all("image too large" in e["error"] and f"max_pixels {limit}" in e["error"] for e in rep["errors"])
+    capsys.readouterr()
+    # smaller than every image: nothing to evaluate, a clear error naming the cause
+    assert main(["eval", "--model", MODEL, "--data", str(root), "--engine", "onnxruntime",
+                 "--max-pixels", "1000"]) == 2
+    assert f"none of the {len(pixels)} images could be evaluated" in (err := capsys.readouterr().err)
+    assert "image too large" in err
+
+
 def test_cli_eval_bad_data_is_a_clear_error(tmp_path, capsys, data_dir):
     from raydetect.cli import main
 
