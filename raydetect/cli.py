@@ -36,6 +36,12 @@ def add_storage_args(p: argparse.ArgumentParser) -> None:
                         "(default: the usual AWS credential chain)")
     g.add_argument("--secret-env", default=None, metavar="VAR",
                    help="read the secret access key from this environment variable")
+    fields = StorageConfig.model_fields
+    for flag, name in (("--s3-connect-timeout", "connect_timeout_s"), ("--s3-read-timeout", "read_timeout_s"),
+                       ("--s3-max-attempts", "max_attempts")):
+        f = fields[name]
+        g.add_argument(flag, dest=name, type=type(f.default), default=f.default,
+                       help=f"{f.description} (default {f.default})")
 
 
 def add_detector_args(p: argparse.ArgumentParser, *, model_required: bool = True) -> None:
@@ -71,6 +77,9 @@ def storage_config(args: argparse.Namespace) -> StorageConfig:
             "region": args.region,
             "key": env(args.key_env),
             "secret": env(args.secret_env),
+            "connect_timeout_s": getattr(args, "connect_timeout_s", StorageConfig.model_fields["connect_timeout_s"].default),
+            "read_timeout_s": getattr(args, "read_timeout_s", StorageConfig.model_fields["read_timeout_s"].default),
+            "max_attempts": getattr(args, "max_attempts", StorageConfig.model_fields["max_attempts"].default),
         },
         "storage",
     )
@@ -122,10 +131,19 @@ def main(argv: list[str] | None = None) -> int:
         from raydetect.engines.base import EngineUnavailableError
         from raydetect.model_card import UnsupportedModelError
         from raydetect.resources import InsufficientResourcesError
+        from raydetect.storage import StorageUnavailableError, storage_failure
 
         if isinstance(e, (EngineUnavailableError, UnsupportedModelError, InsufficientResourcesError)):
             print(f"raydetect {args.command}: error: {e}", file=sys.stderr)
             return 2
+        if isinstance(e, (StorageUnavailableError, TimeoutError)):  # incl. job.JobStalledError
+            print(f"raydetect {args.command}: error: {e}", file=sys.stderr)
+            return 3
+        reason = storage_failure(e)
+        if reason is not None:
+            print(f"raydetect {args.command}: error: storage unavailable: {reason}; fix the storage and "
+                  "re-run the same command", file=sys.stderr)
+            return 3
         raise
 
 

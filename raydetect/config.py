@@ -24,6 +24,10 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+#: attempts s3fs makes itself for a timed-out call (``s3fs.S3FileSystem.retries``)
+S3FS_RETRIES = 5
+
+
 class StorageConfig(_Strict):
     """How to reach object storage (S3 through s3fs). Empty means the library defaults
     (environment credentials, AWS endpoints)."""
@@ -33,6 +37,9 @@ class StorageConfig(_Strict):
     secret: str | None = None
     anon: bool = False
     region: str | None = None
+    connect_timeout_s: float = Field(10.0, gt=0.0, le=3600.0, description="S3: seconds to open a connection")
+    read_timeout_s: float = Field(60.0, gt=0.0, le=3600.0, description="S3: seconds to wait for data on a connection")
+    max_attempts: int = Field(3, ge=1, le=50, description="S3: attempts per request (botocore retries, standard mode)")
 
     def fsspec_options(self) -> dict[str, Any]:
         """Keyword arguments for ``s3fs.S3FileSystem``."""
@@ -48,7 +55,18 @@ class StorageConfig(_Strict):
             client_kwargs["region_name"] = self.region
         if client_kwargs:
             opts["client_kwargs"] = client_kwargs
+        opts["config_kwargs"] = {  # botocore.config.Config: every read and write has a deadline
+            "connect_timeout": self.connect_timeout_s,
+            "read_timeout": self.read_timeout_s,
+            "retries": {"max_attempts": self.max_attempts, "mode": "standard"},
+        }
         return opts
+
+    def request_deadline_s(self) -> float:
+        """Upper bound on the time one S3 call can wait on an unresponsive server: s3fs tries a
+        timed-out call :data:`S3FS_RETRIES` times, each of up to ``max_attempts`` botocore
+        attempts of ``connect_timeout_s + read_timeout_s`` (plus s3fs' back-off, < 2 s)."""
+        return S3FS_RETRIES * self.max_attempts * (self.connect_timeout_s + self.read_timeout_s) + 2.0
 
 
 class TensorRTConfig(_Strict):
@@ -161,6 +179,13 @@ class JobConfig(_Strict):
         300.0, ge=0.0, le=86_400.0,
         description="How long to wait for an autoscaler to add nodes that fit the detector actors before "
         "failing (a Ray instance the job started itself cannot grow: no wait)",
+    )
+    stall_warn_s: float = Field(
+        30.0, gt=0.0, le=86_400.0, description="Log 'no progress for N s' every this many seconds without a result"
+    )
+    stall_timeout_s: float | None = Field(
+        None, gt=0.0, le=604_800.0,
+        description="Fail the job (resumable) after this long without a result; None: no limit beyond the storage deadlines",
     )
 
     @field_validator("extensions")

@@ -13,9 +13,12 @@ shards whose part file exists.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import queue
+import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import pyarrow.compute as pc
@@ -23,9 +26,26 @@ import pyarrow.dataset as pads
 
 from raydetect import shards as sh
 from raydetect.config import JobConfig, validate
-from raydetect.storage import filesystem, list_files, read_bytes, sha256_bytes, uri_prefix
+from raydetect.storage import (
+    StorageUnavailableError,
+    filesystem,
+    needs_own_reader,
+    normalise_url,
+    read_bytes,
+    read_paths,
+    scan_inputs,
+    sha256_bytes,
+    show,
+    storage_failure,
+    uri_prefix,
+)
+from raydetect.types import ImageResult, results_to_table
 
 log = logging.getLogger(__name__)
+
+
+class JobStalledError(TimeoutError):
+    """No result arrived for ``stall_timeout_s``; the message is one line (what, how to resume)."""
 
 
 @dataclass
@@ -42,6 +62,8 @@ class JobSummary:
     duplicates_dropped: int = 0  # repeated rows from retried tasks, not written
     write_s: float = 0.0  # driver time spent writing part files (part of seconds)
     report: str | None = None  # OUTPUT/_report/report.json when written
+    unreadable: int = 0  # input-like entries that could not be read (each has an error row)
+    skipped: dict[str, int] = field(default_factory=dict)  # other entries, per extension
 
     @property
     def images_per_s(self) -> float:
@@ -59,6 +81,8 @@ class JobSummary:
                 f" (resumed: {self.shards_skipped} of {self.shards} shards were done already, "
                 f"{self.processed} images run now)"
             )
+        if self.skipped:
+            text += "; skipped (not inputs): " + ", ".join(f"{n} {ext}" for ext, n in sorted(self.skipped.items()))
         if self.video is None:
             return text
         return self.video.line() if self.images == 0 else f"{text}\n{self.video.line()}"
@@ -71,7 +95,13 @@ def build_dataset(cfg: JobConfig, files: list[str], fs):
     """The lazy Ray Dataset of result rows for ``files`` on ``fs``."""
     import ray
 
-    ds = ray.data.read_binary_files(files, filesystem=fs, include_paths=True)
+    plain = [f for f in files if not needs_own_reader(f)]
+    odd = [f for f in files if needs_own_reader(f)]
+    ds = ray.data.read_binary_files(plain, filesystem=fs, include_paths=True) if plain else None
+    if odd:  # names Ray Data's reader would rewrite: read them with fsspec in a task
+        own = ray.data.from_items([{"path": p} for p in odd]).map_batches(
+            read_paths, fn_kwargs={"fs": fs}, batch_size=8, batch_format="numpy")
+        ds = own if ds is None else ds.union(own)
     from raydetect.metrics import MeteredDetector
 
     max_size = cfg.concurrency
@@ -108,7 +138,7 @@ def job_manifest(cfg: JobConfig) -> dict:
     settings["video"] = video_settings(cfg.video)
     return sh.make_manifest(
         model_sha256=sha256_bytes(read_bytes(det.model, det.storage)),
-        input=cfg.input.rstrip("/"),
+        input=normalise_url(cfg.input),
         settings=settings,
         shard_size=cfg.shard_size,
     )
@@ -133,6 +163,8 @@ def prepare_output(cfg: JobConfig, manifest: dict, overwrite: bool):
                         "or pass --overwrite"
                     )
             else:
+                if isinstance(old.get("input"), str):  # written before inputs were normalised
+                    old = {**old, "input": normalise_url(old["input"])}
                 sh.check_manifest(old, manifest, cfg.output)
                 manifest = {**old, "shard_size": manifest["shard_size"], "resumed": manifest["created"]}
             sh.clean_tmp(out_fs, out_path)
@@ -151,44 +183,194 @@ def summarize(out_fs, out_path: str, images: int, seconds: float, output: str) -
     return JobSummary(images=images, seconds=seconds, detections=dets, errors=errors, output=output)
 
 
+class Heartbeat:
+    """Logs "no progress for N s" every ``warn_s`` while nothing advances, whichever thread is
+    blocked (a listing, a write, or the result stream); :meth:`idle` feeds the stall deadline."""
+
+    def __init__(self, warn_s: float, where: str) -> None:
+        self.warn_s = warn_s
+        self.where = where
+        self.phase = "starting"
+        self.done = 0
+        self.total = 0
+        self.stalls = 0  # warning lines logged
+        self._warned = 0  # since the last beat
+        self._last = time.monotonic()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="raydetect-heartbeat", daemon=True)
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+
+    def beat(self, phase: str | None = None, done: int | None = None) -> None:
+        if phase is not None:
+            self.phase = phase
+        if done is not None:
+            self.done = done
+        self._warned = 0
+        self._last = time.monotonic()
+
+    def idle(self) -> float:
+        return time.monotonic() - self._last
+
+    def mute(self, phase: str) -> None:
+        """Stop warning (a phase that reports its own progress, e.g. the video job)."""
+        self.phase = phase
+        self._stop.set()
+
+    def _run(self) -> None:
+        while not self._stop.wait(min(self.warn_s, 1.0)):
+            idle = self.idle()
+            if idle >= self.warn_s * (self._warned + 1):
+                self._warned += 1
+                self.stalls += 1
+                log.warning("no progress for %.0f s while %s (%d of %d images done); waiting on %s",
+                            idle, self.phase, self.done, self.total, self.where)
+
+
+def error_rows(errors: dict[str, str], uri_prefix: str, model_sha256: str, precision: str):
+    """Result rows for inputs that could not be read (no engine ran: ``engine`` is null)."""
+    results = [ImageResult(uri=uri_prefix + p, error=reason) for p, reason in errors.items()]
+    return results_to_table(results, model_sha256=model_sha256, engine=None, precision=precision)
+
+
+def _results(ds, stop: threading.Event, out: queue.Queue) -> None:
+    """Producer thread: stream ``ds`` into ``out`` (a batch, then ``None`` at the end, or the
+    exception); stops early when ``stop`` is set (the consumer gave up)."""
+    try:
+        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            while not stop.is_set():
+                try:
+                    out.put(batch, timeout=1.0)
+                    break
+                except queue.Full:
+                    continue
+            if stop.is_set():
+                return
+        out.put(None)
+    except BaseException as e:  # handed to the consumer
+        out.put(e)
+
+
 def run_images(cfg: JobConfig, in_fs, out_fs, out_path: str, plan: sh.ShardPlan, uri_prefix: str,
-               timeline: list[tuple[float, int]]) -> sh.WriteStats:
+               timeline: list[tuple[float, int]], errors: dict[str, str] | None = None,
+               model_sha256: str = "", heartbeat: Heartbeat | None = None) -> sh.WriteStats:
     """Run the pending shards of ``plan`` and write their part files as they complete.
-    ``timeline`` receives ``(seconds since start, images done)`` after every result batch."""
+    ``errors`` (unreadable inputs) get their error rows from the driver. ``timeline`` receives
+    ``(seconds since start, images done)`` after every result batch, ``heartbeat`` a beat
+    (it logs the stalls); after ``cfg.stall_timeout_s`` without one the job fails with
+    :class:`JobStalledError`."""
+    hb = heartbeat or Heartbeat(cfg.stall_warn_s, show(cfg.input))
     writer = sh.ShardWriter(out_fs, out_path, plan.pending, uri_prefix)
-    ds = build_dataset(cfg, plan.pending_paths, in_fs)
+    pending = plan.pending_paths
+    errors = errors or {}
+    bad = {p: errors[p] for p in pending if p in errors}
     t0 = time.perf_counter()
-    done = 0
     timeline.append((0.0, 0))
-    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-        writer.add(batch)
-        done += batch.num_rows
-        timeline.append((time.perf_counter() - t0, done))
+    done = 0
+    hb.total = len(pending)
+    hb.beat("running shards", 0)
+    if bad:
+        writer.add(error_rows(bad, uri_prefix, model_sha256, cfg.detector.precision))
+        done = len(bad)
+        hb.beat(done=done)
+    readable = [p for p in pending if p not in errors]
+    if readable:
+        ds = build_dataset(cfg, readable, in_fs)
+        results: queue.Queue = queue.Queue(maxsize=4)
+        stop = threading.Event()
+        producer = threading.Thread(target=_results, args=(ds, stop, results), name="raydetect-results", daemon=True)
+        producer.start()
+        try:
+            while True:
+                try:
+                    item = results.get(timeout=1.0)
+                except queue.Empty:
+                    idle = hb.idle()
+                    if cfg.stall_timeout_s is not None and idle >= cfg.stall_timeout_s:
+                        raise JobStalledError(
+                            f"no progress for {idle:.0f} s (stall_timeout_s {cfg.stall_timeout_s:g}) reading "
+                            f"{show(cfg.input)}: {done} of {len(pending)} images done, "
+                            f"{writer.stats.shards_written} of {len(plan.pending)} shards written; check "
+                            "storage and workers, then re-run the same command to resume") from None
+                    continue
+                if item is None:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                writer.add(item)
+                done += item.num_rows
+                hb.beat(done=done)
+                timeline.append((time.perf_counter() - t0, done))
+        finally:
+            stop.set()
     writer.close()
     return writer.stats
+
+
+@contextlib.contextmanager
+def _storage_phase(what: str, cfg: JobConfig, resume: str = ""):
+    """Turn "storage unreachable / timed out" during ``what`` into one
+    :class:`StorageUnavailableError` line (other errors pass unchanged)."""
+    try:
+        yield
+    except (StorageUnavailableError, JobStalledError):
+        raise
+    except Exception as e:
+        reason = storage_failure(e)
+        if reason is None:
+            raise
+        st = cfg.detector.storage
+        raise StorageUnavailableError(
+            f"storage unavailable while {what}: {reason} (deadline per request ~{st.request_deadline_s():.0f} s: "
+            f"connect {st.connect_timeout_s:g} s, read {st.read_timeout_s:g} s, {st.max_attempts} attempts); "
+            + (resume or "fix the storage and re-run the same command")
+        ) from None
 
 
 def run_job(cfg: JobConfig, *, overwrite: bool = False) -> JobSummary:
     """Run the batch job (connects to / starts Ray as ``ray.init()`` does). Resumes into an
     output written by the same job; see :mod:`raydetect.shards`."""
+    with Heartbeat(cfg.stall_warn_s, f"{show(cfg.input)} -> {show(cfg.output)}") as hb, _storage_phase(
+        "running the job", cfg, f"re-run the same command to resume into {show(cfg.output)}"
+    ):
+        return _run_job(cfg, overwrite, hb)
+
+
+def _run_job(cfg: JobConfig, overwrite: bool, hb: Heartbeat) -> JobSummary:
     import ray
 
     from raydetect.video.pipeline import run_video_job, split_videos
 
-    in_fs, files = list_files(cfg.input, cfg.extensions + cfg.video.extensions, cfg.detector.storage)
+    hb.beat(f"listing {show(cfg.input)}")
+    with _storage_phase(f"listing {show(cfg.input)}", cfg):
+        listing = scan_inputs(cfg.input, cfg.extensions + cfg.video.extensions, cfg.detector.storage)
+    in_fs, errors = listing.fs, listing.errors
+    for p, reason in errors.items():
+        log.warning("unreadable input %s: %s (written as an error row)", show(p), reason)
+    paths = sorted(listing.files + list(errors))
     if cfg.limit is not None:
-        files = files[: cfg.limit]
-    files, videos = split_videos(files, cfg.video)
+        paths = paths[: cfg.limit]
+    files, videos = split_videos([p for p in paths if p not in errors], cfg.video)
+    files = sorted(files + [p for p in paths if p in errors])
     if not files and not videos:
         raise FileNotFoundError(
             f"no images ({', '.join(cfg.extensions)}) or videos ({', '.join(cfg.video.extensions)}) "
-            f"under {cfg.input}"
+            f"under {show(cfg.input)}" + (f" ({'; '.join(listing.skipped_lines())})" if listing.skipped else "")
         )
     prefix = uri_prefix(in_fs)
-    out_fs, out_path = prepare_output(cfg, job_manifest(cfg), overwrite)
-    plan = sh.plan_resume(out_fs, out_path, files, cfg.shard_size, prefix)
+    hb.beat(f"reading the model and preparing {show(cfg.output)}")
+    with _storage_phase(f"reading the model and preparing {show(cfg.output)}", cfg):
+        manifest = job_manifest(cfg)
+        out_fs, out_path = prepare_output(cfg, manifest, overwrite)
+        plan = sh.plan_resume(out_fs, out_path, files, cfg.shard_size, prefix)
     total_shards = len(plan.pending) + len([d for d in plan.done if d not in plan.stale_parts])
     if plan.pending or videos:
+        hb.beat("starting Ray and waiting for actor resources")
         if not ray.is_initialized():
             ray.init(logging_level=logging.WARNING)
         ctx = ray.data.DataContext.get_current()
@@ -202,7 +384,12 @@ def run_job(cfg: JobConfig, *, overwrite: bool = False) -> JobSummary:
     stats = sh.WriteStats()
     if plan.pending:
         log.info("%d of %d shards to run (%d images)", len(plan.pending), total_shards, len(plan.pending_paths))
-        stats = run_images(cfg, in_fs, out_fs, out_path, plan, prefix, timeline)
+        resume = (f"the finished shards are in {show(cfg.output)}; re-run the same command to resume "
+                  "(done shards are skipped)")
+        with _storage_phase(f"running {len(plan.pending)} shards of {show(cfg.input)}", cfg, resume):
+            stats = run_images(cfg, in_fs, out_fs, out_path, plan, prefix, timeline, errors,
+                               manifest["model_sha256"], hb)
+    hb.beat("summarizing")
     seconds = time.perf_counter() - t0
     summary = summarize(out_fs, out_path, len(files), seconds, cfg.output)
     summary.processed = len(plan.pending_paths)
@@ -210,7 +397,10 @@ def run_job(cfg: JobConfig, *, overwrite: bool = False) -> JobSummary:
     summary.shards_skipped = total_shards - len(plan.pending)
     summary.duplicates_dropped = stats.duplicates_dropped
     summary.write_s = stats.write_s
+    summary.unreadable = sum(1 for p in files if p in errors)
+    summary.skipped = dict(listing.skipped)
     if videos:  # after the images: summarize() reads the top level of the output only then
+        hb.mute("running videos")
         summary.video = run_video_job(cfg, in_fs, videos)
     if cfg.report and files:
         summary.report = _write_report(cfg, summary, timeline, in_fs, out_fs, out_path, prefix,
@@ -259,6 +449,9 @@ def add_job_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resource-wait-s", type=float, default=300.0,
                    help="fail when no node fits the detector actors (--num-gpus/--num-cpus) after this "
                         "wait for an autoscaler, seconds (default 300; no wait on a Ray this command started)")
+    for flag, name in (("--stall-warn-s", "stall_warn_s"), ("--stall-timeout-s", "stall_timeout_s")):
+        f = JobConfig.model_fields[name]
+        p.add_argument(flag, dest=name, type=float, default=f.default, help=f"{f.description} (default {f.default})")
     add_detector_args(p)
     add_storage_args(p)
     from raydetect.video.cli_args import add_video_args
@@ -288,6 +481,8 @@ def job_config(args: argparse.Namespace) -> JobConfig:
             "report": not args.no_report,
             "report_samples": args.report_samples,
             "resource_wait_s": args.resource_wait_s,
+            "stall_warn_s": args.stall_warn_s,
+            "stall_timeout_s": args.stall_timeout_s,
             "video": video_options(args),
         },
         "job",

@@ -9,6 +9,11 @@ reproduce the same :class:`Letterbox` geometry (see :func:`letterbox_geometry`).
 from __future__ import annotations
 
 import io
+import os
+import re
+import sys
+import tempfile
+import threading
 from dataclasses import dataclass
 
 import cv2
@@ -54,7 +59,8 @@ class Letterbox:
 def letterbox_geometry(h: int, w: int, out_h: int, out_w: int) -> Letterbox:
     """Same arithmetic as Ultralytics ``LetterBox(auto=False, scaleup=True, center=True)``."""
     r = min(out_h / h, out_w / w)
-    new_w, new_h = int(round(w * r)), int(round(h * r))
+    # at least one pixel: a 10000x1 image would round to 0 rows (Ultralytics fails there)
+    new_w, new_h = max(1, int(round(w * r))), max(1, int(round(h * r)))
     dw, dh = (out_w - new_w) / 2, (out_h - new_h) / 2
     top = int(round(dh - 0.1))
     left = int(round(dw - 0.1))
@@ -110,18 +116,53 @@ _JPEG = b"\xff\xd8\xff"
 _PNG = b"\x89PNG\r\n\x1a\n"
 
 
+def _jpeg_has_eoi(data: bytes) -> bool:
+    """True if the JPEG has its end-of-image marker. Walks the marker segments up to the
+    first start-of-scan (so an EXIF thumbnail's own EOI does not count), then looks for
+    FFD9, which entropy-coded data cannot contain (FF is stuffed as FF00). Data after the
+    EOI is allowed (many cameras and tools append some)."""
+    n, pos = len(data), 2
+    while pos + 4 <= n:
+        if data[pos] != 0xFF:
+            return b"\xff\xd9" in data  # not a marker: let the decoder judge the structure
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker == 0xD9:
+            return True
+        if marker == 0x01 or 0xD0 <= marker <= 0xD7:
+            pos += 2
+            continue
+        if marker == 0xDA:
+            return data.find(b"\xff\xd9", pos + 2) >= 0
+        pos += 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
+    return False
+
+
+def _png_has_iend(data: bytes) -> bool:
+    """True if the PNG's chunks, walked by length, reach IEND within the data (data after
+    IEND is allowed)."""
+    n, pos = len(data), 8
+    while pos + 8 <= n:
+        length = int.from_bytes(data[pos : pos + 4], "big")
+        if data[pos + 4 : pos + 8] == b"IEND":
+            return True
+        pos += 12 + length
+    return False
+
+
 def check_encoded(data: bytes, max_bytes: int) -> None:
     """Cheap structural checks before decoding. Raises :class:`ImageError`."""
     if len(data) == 0:
         raise ImageError("empty file")
     if len(data) > max_bytes:
         raise ImageTooLargeError(f"file too large: {len(data)} bytes > max_bytes {max_bytes}")
-    tail = data[-1024:]
     # OpenCV decodes a truncated JPEG/PNG as a partly grey image without an error: catch
     # truncation here from the missing end marker.
-    if data.startswith(_JPEG) and b"\xff\xd9" not in tail:
+    if data.startswith(_JPEG) and not _jpeg_has_eoi(data):
         raise ImageError("truncated JPEG: no end-of-image marker")
-    if data.startswith(_PNG) and b"IEND" not in tail:
+    if data.startswith(_PNG) and not _png_has_iend(data):
         raise ImageError("truncated PNG: no IEND chunk")
 
 
@@ -151,11 +192,51 @@ def decode_image(data: bytes, max_pixels: int, max_bytes: int) -> np.ndarray:
     size = image_size(data)
     if size is not None:
         check_pixels(size[0], size[1], max_pixels)
-    img = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
+    img, report = _imdecode_reporting(data)
     if img is None:
-        raise ImageError("cannot decode: not an image or corrupt data")
+        raise ImageError("cannot decode: not an image or corrupt data" + (f" ({report})" if report else ""))
+    if report and _FATAL_WARNING.search(report):
+        raise ImageError(f"corrupt image data: {report}")
     check_pixels(img.shape[1], img.shape[0], max_pixels)
     return img
+
+
+#: libjpeg/libpng warnings after which the decoded pixels are not the image (OpenCV still
+#: returns an array: the damaged part is grey or garbage)
+_FATAL_WARNING = re.compile(r"Corrupt JPEG data|Premature end of JPEG|libpng error|CRC error", re.I)
+_stderr_lock = threading.Lock()
+_capture: tempfile.TemporaryFile | None = None
+
+
+def _imdecode_reporting(data: bytes) -> tuple[np.ndarray | None, str]:
+    """``cv2.imdecode`` plus what its codec (libjpeg, libpng) wrote to stderr, which is the
+    only way OpenCV reports a mid-file corruption it decoded past. File descriptor 2 is
+    pointed at a scratch file for the call (under a lock: decodes in one process take turns
+    here; inference in other threads is not held up)."""
+    global _capture
+    buf = np.frombuffer(data, dtype=np.uint8)
+    if not (data.startswith(_JPEG) or data.startswith(_PNG)):
+        return cv2.imdecode(buf, cv2.IMREAD_COLOR), ""
+    with _stderr_lock:
+        if _capture is None:
+            _capture = tempfile.TemporaryFile()
+        sys.stderr.flush()
+        saved = os.dup(2)
+        try:
+            _capture.seek(0)
+            _capture.truncate()
+            os.dup2(_capture.fileno(), 2)
+            img = cv2.imdecode(buf, cv2.IMREAD_COLOR)
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        _capture.seek(0)
+        text = _capture.read(4096).decode("utf-8", "replace")
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    report = "; ".join(lines[:3])
+    if report and not _FATAL_WARNING.search(report):
+        sys.stderr.write(text)  # a harmless codec warning: keep it visible
+    return img, report[:300]
 
 
 def as_bgr(img: np.ndarray) -> np.ndarray:

@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow.dataset as pads
 
 from raydetect import shards as sh
+from raydetect.storage import show
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +158,8 @@ def build_report(summary, timeline, table, samples, plot: str | None, cfg) -> di
         "detections": summary.detections,
         "per_class": class_counts(table) if table is not None else {},
         "errors": summary.errors,
+        "unreadable_inputs": summary.unreadable,
+        "skipped": summary.skipped,
         "error_examples": errors[:MAX_ERRORS_LISTED],
         "throughput_timeline": [[round(t, 3), n] for t, n in timeline],
         "throughput_plot": plot,
@@ -175,6 +178,8 @@ def to_markdown(rep: dict[str, Any]) -> str:
         + (f" (peak bin {rep['peak_bin_images_per_s']} images/s)" if rep["peak_bin_images_per_s"] else ""),
         f"- detections: {rep['detections']}; errors: {rep['errors']}; "
         f"part files written by the driver in {rep['part_write_s']} s",
+        f"- unreadable inputs (error rows): {rep['unreadable_inputs']}; skipped (not inputs): "
+        + (", ".join(f"{n} {ext}" for ext, n in sorted(rep["skipped"].items())) or "none"),
         "",
         "## Detections per class",
         "",
@@ -188,7 +193,7 @@ def to_markdown(rep: dict[str, Any]) -> str:
                  "or no images were run by this call)")
     if rep["error_examples"]:
         lines += ["", "## Errors", "", "| uri | error |", "|---|---|"]
-        lines += [f"| `{e['uri']}` | {e['error']} |" for e in rep["error_examples"]]
+        lines += [f"| `{show(e['uri'])}` | {show(e['error'])} |" for e in rep["error_examples"]]
     if rep["samples"]:
         lines += ["", "## Samples", ""]
         lines += [f"![{s['uri']}]({s['file']}) — `{s['uri']}`, {s['detections']} boxes" for s in rep["samples"]]

@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
+import re
+import stat
+from collections import Counter
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 import fsspec
 from fsspec.core import url_to_fs
 
 from raydetect.config import StorageConfig
+
+log = logging.getLogger(__name__)
 
 
 def is_remote(url: str) -> bool:
@@ -57,19 +64,220 @@ def is_remote_fs(fs: fsspec.AbstractFileSystem) -> bool:
     return protocol not in ("file", "local")
 
 
+def normalise_url(url: str) -> str:
+    """The canonical spelling of an input/output location, so ``./in/``, ``in`` and
+    ``file:///abs/in`` name one job: local paths absolute and normalised, ``s3a://`` as
+    ``s3://``, no trailing slash."""
+    if url.startswith("s3a://"):
+        url = "s3://" + url[len("s3a://"):]
+    if is_remote(url):
+        scheme, rest = url.split("://", 1)
+        rest = re.sub(r"/{2,}", "/", rest).rstrip("/")
+        return f"{scheme}://{rest}"
+    path = url[len("file://"):] if url.startswith("file://") else url
+    return os.path.abspath(path)
+
+
+_CONTROL = {c: f"\\x{c:02x}" for c in [*range(0x20), 0x7F]}
+_CONTROL.update({ord("\n"): "\\n", ord("\t"): "\\t", ord("\r"): "\\r"})
+
+
+def show(path: str) -> str:
+    """``path`` for a log line or an error row: control characters escaped (``\\n``, ``\\t``,
+    ``\\x1b``), bytes that are not UTF-8 (surrogate-escaped by ``os``) as ``\\xNN``."""
+    if has_surrogates(path):
+        path = os.fsencode(path).decode("utf-8", "backslashreplace")
+    return path.translate(_CONTROL)
+
+
+def has_surrogates(path: str) -> bool:
+    try:
+        path.encode("utf-8")
+        return False
+    except UnicodeEncodeError:
+        return True
+
+
+def needs_own_reader(path: str) -> bool:
+    """Ray Data's file reader rewrites paths with control characters (it drops newlines and
+    tabs and then reads a file that does not exist): such files are read by raydetect itself."""
+    return any(ord(c) < 0x20 or ord(c) == 0x7F for c in path)
+
+
+@dataclass
+class InputListing:
+    """Everything under an input location, sorted: ``files`` to run, ``errors`` (entries that
+    look like inputs but cannot be read: ``{path: reason}``; they get error rows), and
+    ``skipped`` (other entries, counted per extension)."""
+
+    fs: fsspec.AbstractFileSystem
+    files: list[str]
+    errors: dict[str, str] = field(default_factory=dict)
+    skipped: Counter = field(default_factory=Counter)
+
+    def skipped_lines(self) -> list[str]:
+        return [f"skipped {n} entr{'y' if n == 1 else 'ies'} with extension {ext}" for ext, n in sorted(self.skipped.items())]
+
+
+def _ext_key(name: str) -> str:
+    base = name.rsplit("/", 1)[-1]
+    ext = os.path.splitext(base)[1].lower()
+    return show(ext) if ext else "(none)"
+
+
+_KINDS = {stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket", stat.S_IFCHR: "a character device",
+          stat.S_IFBLK: "a block device"}
+
+
+def _scan_local(root: str, exts: tuple[str, ...], out: InputListing) -> None:
+    """Walk ``root`` with ``lstat``/``stat`` only (a FIFO is never opened: it would block);
+    directories, symlinked ones included, are listed once each (loops and second links to a
+    directory are skipped and logged)."""
+    st = os.stat(root)
+    visited = {(st.st_dev, st.st_ino)}
+    stack = [root]
+    while stack:
+        d = stack.pop()
+        try:
+            with os.scandir(d) as it:
+                entries = sorted(it, key=lambda e: e.name, reverse=True)
+        except OSError as e:
+            log.warning("cannot list directory %s: %s", show(d), e.strerror or e)
+            out.skipped["(unlistable directory)"] += 1
+            continue
+        for e in entries:
+            path = e.path
+            like = e.name.lower().endswith(exts)
+            try:
+                st = os.stat(path)  # follows links
+            except OSError as err:
+                reason = "broken symbolic link (its target does not exist)" if e.is_symlink() else (
+                    f"cannot stat: {err.strerror or err}")
+                if getattr(err, "errno", None) == 40:  # ELOOP
+                    reason = "symbolic link loop"
+                if like:
+                    out.errors[path] = reason
+                else:
+                    out.skipped[_ext_key(e.name)] += 1
+                continue
+            mode = st.st_mode
+            if stat.S_ISDIR(mode):
+                if like:
+                    out.errors[path] = "a directory, not an image file (its entries are listed on their own)"
+                key = (st.st_dev, st.st_ino)
+                if key in visited:
+                    log.warning("not listing %s again: directory already listed (symlink loop or second link)", show(path))
+                    out.skipped["(directory listed already)"] += 1
+                    continue
+                visited.add(key)
+                stack.append(path)
+            elif stat.S_ISREG(mode):
+                if not like:
+                    out.skipped[_ext_key(e.name)] += 1
+                elif not os.access(path, os.R_OK):
+                    out.errors[path] = "permission denied: cannot read the file"
+                elif has_surrogates(path):
+                    out.errors[path] = "file name is not valid UTF-8 (shown escaped): rename it to process it"
+                else:
+                    out.files.append(path)
+            elif like:
+                out.errors[path] = f"not a regular file: {_KINDS.get(stat.S_IFMT(mode), 'a special file')} (not opened)"
+            else:
+                out.skipped[_ext_key(e.name)] += 1
+
+
+def scan_inputs(url: str, extensions: Iterable[str], storage: StorageConfig | None = None) -> InputListing:
+    """List ``url`` (a file, a directory or prefix, recursively) without ever aborting on an
+    entry: see :class:`InputListing`. Raises ``FileNotFoundError`` only when ``url`` itself
+    does not exist."""
+    fs, path = filesystem(url, storage)
+    exts = tuple(e.lower() for e in extensions)
+    out = InputListing(fs, [])
+    if is_remote_fs(fs):
+        if not fs.exists(path):
+            raise FileNotFoundError(f"input not found: {url}")
+        if fs.isfile(path):
+            out.files.append(path)
+            return out
+        for p, info in fs.find(path, detail=True).items():
+            if info.get("type", "file") != "file" or p.endswith("/"):
+                continue
+            if p.lower().endswith(exts):
+                out.files.append(p)
+            else:
+                out.skipped[_ext_key(p)] += 1
+    else:
+        if not os.path.lexists(path):
+            raise FileNotFoundError(f"input not found: {show(url)}")
+        try:
+            st = os.stat(path)
+        except OSError as e:
+            raise FileNotFoundError(f"input not found: {show(url)} ({e.strerror or e})") from None
+        if stat.S_ISDIR(st.st_mode):
+            _scan_local(path, exts, out)
+        elif stat.S_ISREG(st.st_mode) and not has_surrogates(path):
+            out.files.append(path)
+        else:
+            raise FileNotFoundError(f"input is not a regular file or directory: {show(url)}")
+    out.files.sort()
+    out.errors = dict(sorted((show(p) if has_surrogates(p) else p, r) for p, r in out.errors.items()))
+    for line in out.skipped_lines():
+        log.info("%s under %s", line, show(url))
+    return out
+
+
 def list_files(
     url: str, extensions: Iterable[str], storage: StorageConfig | None = None
 ) -> tuple[fsspec.AbstractFileSystem, list[str]]:
-    """All files under ``url`` (a file, a directory or prefix, recursively) whose
-    extension is in ``extensions``, sorted by path. A single file is returned as is."""
-    fs, path = filesystem(url, storage)
-    exts = tuple(e.lower() for e in extensions)
-    if not fs.exists(path):
-        raise FileNotFoundError(f"input not found: {url}")
-    if fs.isfile(path):
-        return fs, [path]
-    files = [p for p in fs.find(path) if p.lower().endswith(exts)]
-    return fs, sorted(files)
+    """All readable files under ``url`` whose extension is in ``extensions``, sorted (see
+    :func:`scan_inputs`, which also reports the entries that cannot be read)."""
+    listing = scan_inputs(url, extensions, storage)
+    for p, reason in listing.errors.items():
+        log.warning("not an input: %s: %s", show(p), reason)
+    return listing.fs, listing.files
+
+
+def read_paths(batch: dict, fs) -> dict:
+    """Ray Data ``map_batches`` function: ``{"path": [...]}`` → ``{"bytes", "path"}`` read with
+    ``fs`` (for the names :func:`needs_own_reader` selects)."""
+    paths = [str(p) for p in batch["path"]]
+    return {"bytes": [fs.cat_file(p) for p in paths], "path": paths}
+
+
+# --- storage failures ------------------------------------------------------------------------
+
+#: botocore / aiohttp / OS messages that mean "the storage endpoint is unreachable or stalled"
+_UNREACHABLE = re.compile(
+    r"(Could not connect to the endpoint URL[^\n]*|Connect timeout on endpoint URL[^\n]*|"
+    r"Read timeout on endpoint URL[^\n]*|Connection was closed before we received a valid response[^\n]*|"
+    r"Cannot connect to host[^\n]*|Connection refused[^\n]*|Server disconnected[^\n]*)"
+)
+
+
+class StorageUnavailableError(OSError):
+    """Object storage did not answer within its deadlines; the message is one line saying
+    what failed, where, and how to resume."""
+
+
+def storage_failure(exc: BaseException) -> str | None:
+    """The one-line reason if ``exc`` (or what caused it, also inside a Ray task error) is
+    storage being unreachable or timing out; None otherwise."""
+    seen = set()
+    stack = [exc]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        name = type(e).__name__
+        if name in ("EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ConnectionClosedError",
+                    "ClientConnectorError", "ServerDisconnectedError", "FSTimeoutError"):
+            return f"{name}: {str(e).splitlines()[0] if str(e) else name}"
+        m = _UNREACHABLE.search(str(e))
+        if m:
+            return m.group(1).strip()
+        stack.extend([e.__cause__, e.__context__, getattr(e, "cause", None)])
+    return None
 
 
 def read_bytes(url: str, storage: StorageConfig | None = None) -> bytes:
