@@ -8,9 +8,11 @@ import importlib
 import logging
 import os
 import sys
+import types
+import typing
 from typing import Any
 
-from raydetect.config import ConfigError, DetectorConfig, StorageConfig, validate
+from raydetect.config import ConfigError, DetectorConfig, StorageConfig, TensorRTConfig, validate
 
 #: subcommand → module providing ``add_cli(subparsers)``; imported lazily at start-up
 #: (heavy imports such as ray stay inside the command functions).
@@ -44,21 +46,100 @@ def add_storage_args(p: argparse.ArgumentParser) -> None:
                        help=f"{f.description} (default {f.default})")
 
 
-def add_detector_args(p: argparse.ArgumentParser, *, model_required: bool = True) -> None:
+#: DetectorConfig fields of the "model and engine" option group → argparse overrides (the flag
+#: is ``--kebab-name``; default and help come from the field).
+DETECTOR_FLAGS: dict[str, dict[str, Any]] = {
+    "model": {"help": "YOLO ONNX export (path or s3:// URL)"},
+    "engine": {"help": "runtime; auto: the first that can run here (tensorrt > torch > onnxruntime)"},
+    "precision": {"help": "engine precision (int8: a QDQ model from raydetect quantize)"},
+    "conf": {},
+    "iou": {},
+    "max_det": {"help": "max detections per image"},
+    "batch_size": {"help": "images per engine call; for TensorRT also the largest batch of the engine profile"},
+    "max_pixels": {},
+    "threads": {},
+    "device": {},
+}
+
+#: TensorRTConfig fields shared by ``build`` and every command that runs an engine (detect,
+#: serve, eval, bench): one name and one default, so ``build`` then ``detect`` with the same
+#: options find the same engine. field → flag.
+TENSORRT_FLAGS: dict[str, str] = {
+    "cache": "--trt-cache",
+    "opt_batch": "--opt-batch",
+    "nms": "--nms",
+    "workspace_gb": "--workspace-gb",
+}
+
+
+class DeprecatedAlias(argparse.Action):
+    """An old spelling of an option: accepted, with a note on stderr naming the new one."""
+
+    def __init__(self, option_strings, dest, new: str, **kwargs) -> None:
+        kwargs.setdefault("default", argparse.SUPPRESS)
+        super().__init__(option_strings, dest, help=argparse.SUPPRESS, **kwargs)
+        self.new = new
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        print(f"raydetect: {option_string} is deprecated, use {self.new}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+def field_argument(group, model, name: str, flag: str | None = None, dest: str | None = None, **overrides) -> None:
+    """``group.add_argument`` for the pydantic field ``model.name``: ``--kebab-name``, the
+    field's default, its description as help; the value is validated by the config model."""
+    f = model.model_fields[name]
+    ann = f.annotation
+    if typing.get_origin(ann) in (typing.Union, types.UnionType):  # X | None → X
+        inner = [a for a in typing.get_args(ann) if a is not type(None)]
+        ann = inner[0] if len(inner) == 1 else None
+    kind = ann
+    kwargs: dict[str, Any] = {"dest": dest or name}
+    if f.is_required():
+        kwargs["required"] = True
+    else:
+        kwargs["default"] = f.default
+    if kind is bool:
+        kwargs["action"] = argparse.BooleanOptionalAction
+    elif typing.get_origin(kind) is typing.Literal:
+        kwargs["metavar"] = "{" + ",".join(map(str, typing.get_args(kind))) + "}"
+    else:
+        kwargs["metavar"] = name.upper()
+        if kind in (int, float):
+            kwargs["type"] = kind
+    text = overrides.pop("help", None) or f.description or name.replace("_", " ")
+    if not f.is_required():
+        text += f" (default {'none' if f.default is None else f.default})"
+    kwargs["help"] = text
+    kwargs.update(overrides)
+    group.add_argument(flag or "--" + name.replace("_", "-"), **kwargs)
+
+
+def add_detector_args(
+    p: argparse.ArgumentParser, *, model_required: bool = True, fields: tuple[str, ...] | None = None
+) -> None:
+    """The detector options (``fields``: a subset of :data:`DETECTOR_FLAGS`, default all) and
+    the TensorRT options, generated from :class:`DetectorConfig` / :class:`TensorRTConfig`."""
     g = p.add_argument_group("model and engine")
-    g.add_argument("--model", required=model_required, help="YOLO ONNX export (path or s3:// URL)")
-    g.add_argument("--engine", default="auto", help="auto | onnxruntime | torch | tensorrt")
-    g.add_argument("--precision", default="fp32", help="fp32 | fp16 | int8")
-    g.add_argument("--conf", type=float, default=0.25, help="confidence threshold (default 0.25)")
-    g.add_argument("--iou", type=float, default=0.7, help="NMS IoU threshold (default 0.7)")
-    g.add_argument("--max-det", type=int, default=300, help="max detections per image")
-    g.add_argument("--batch-size", type=int, default=16, help="images per engine call")
-    g.add_argument("--max-pixels", type=int, default=40_000_000,
-                   help="images with more pixels become error rows")
-    g.add_argument("--threads", type=int, default=None, help="CPU engine threads")
-    g.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: pick)")
-    g.add_argument("--trt-cache", default=None, metavar="URL",
-                   help="TensorRT engine cache: local dir or s3:// prefix (default: next to the model)")
+    for name in fields or DETECTOR_FLAGS:
+        extra = dict(DETECTOR_FLAGS[name])
+        if name == "model" and not model_required:
+            extra["required"] = False
+            extra["default"] = None
+        field_argument(g, DetectorConfig, name, **extra)
+    add_tensorrt_args(p)
+
+
+def add_tensorrt_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("TensorRT engine (same options for build, detect, serve, eval, bench)")
+    for name, flag in TENSORRT_FLAGS.items():
+        field_argument(g, TensorRTConfig, name, flag, dest=f"trt_{name}")
+
+
+def tensorrt_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The TensorRTConfig values given on the command line (fields without a flag keep their
+    defaults)."""
+    return {name: getattr(args, f"trt_{name}") for name in TENSORRT_FLAGS if hasattr(args, f"trt_{name}")}
 
 
 def storage_config(args: argparse.Namespace) -> StorageConfig:
@@ -87,18 +168,9 @@ def storage_config(args: argparse.Namespace) -> StorageConfig:
 
 def detector_config(args: argparse.Namespace, **overrides: Any) -> DetectorConfig:
     data = {
-        "model": args.model,
-        "engine": args.engine,
-        "precision": args.precision,
-        "conf": args.conf,
-        "iou": args.iou,
-        "max_det": args.max_det,
-        "batch_size": args.batch_size,
-        "max_pixels": args.max_pixels,
-        "threads": args.threads,
-        "device": args.device,
+        **{name: getattr(args, name) for name in DETECTOR_FLAGS if hasattr(args, name)},
         "storage": storage_config(args),
-        "tensorrt": {"cache": getattr(args, "trt_cache", None)},
+        "tensorrt": tensorrt_options(args),
         **overrides,
     }
     return validate(DetectorConfig, data, "detector")

@@ -737,3 +737,59 @@ def test_detect_cli_takes_the_engine_cache():
     cfg = detector_config(parser.parse_args(["--model", "m.onnx", "--engine", "tensorrt", "--trt-cache", "s3://b/e"]))
     assert cfg.engine == "tensorrt" and cfg.tensorrt.cache == "s3://b/e"
     assert detector_config(parser.parse_args(["--model", "m.onnx"])).tensorrt.cache is None
+
+
+def _target(argv):
+    """The engine a command line asks for, on one GPU/TensorRT identity (the inputs a real GPU
+    would report), through the same function the engine load and ``raydetect build`` use."""
+    from raydetect.cli import build_parser
+    from raydetect.engines.tensorrt_build import build_config, engine_target
+    from raydetect.job import job_config
+
+    args = build_parser().parse_args(argv)
+    cfg = build_config(args) if args.command == "build" else job_config(args).detector
+    card = ModelCard.load(cfg.model, cfg.storage)
+    caps = NMSCapabilities(trt_version=(10, 13, 0), has_add_nms=True, has_efficient_nms=True)
+    target = engine_target(card, cfg, tensorrt_version="10.13.0", gpu_name="NVIDIA H100 80GB HBM3",
+                           compute_capability=(9, 0), caps=caps, quantized=False)
+    return target.key, cache_dir_for(card.url, cfg.tensorrt.cache)
+
+
+def test_build_then_detect_with_the_same_options_use_the_same_engine(tmp_path, capsys):
+    cache = str(tmp_path / "engines")
+    trt = ["--precision", "fp16", "--batch-size", "32", "--opt-batch", "16", "--nms", "efficient_nms",
+           "--conf", "0.3", "--trt-cache", cache]
+    detect = ["detect", "--model", str(DYN), "--engine", "tensorrt", "--input", "in", "--output", "out", *trt]
+    built = _target(["build", "--model", str(DYN), *trt])
+    assert built == _target(detect)
+    assert built[0].batch_profile == (1, 16, 32) and built[0].precision == "fp16" and built[1] == cache
+    # the README's old build spellings name the same engine (with a note on stderr)
+    old = ["build", "--model", str(DYN), "--precision", "fp16", "--max-batch", "32", "--opt-batch", "16",
+           "--nms", "efficient_nms", "--conf", "0.3", "--cache", cache]
+    assert _target(old) == built
+    err = capsys.readouterr().err
+    assert "--max-batch is deprecated, use --batch-size" in err and "--cache is deprecated, use --trt-cache" in err
+    # the defaults agree too (fp32, batch 16, auto NMS, next to the model)
+    assert _target(["build", "--model", str(DYN)]) == _target(["detect", "--model", str(DYN), "--engine",
+                                                               "tensorrt", "--input", "i", "--output", "o"])
+    # and any option that changes the engine changes the key
+    assert _target([*detect, "--opt-batch", "8"])[0] != built[0]
+    assert _target([*detect, "--conf", "0.25"])[0] != built[0]  # EfficientNMS bakes conf in
+
+
+def test_every_engine_command_takes_the_tensorrt_options():
+    """build, detect, serve, eval and bench: the same TensorRT flags with the same defaults,
+    each reaching TensorRTConfig."""
+    import argparse
+
+    from raydetect.cli import TENSORRT_FLAGS, build_parser
+    from raydetect.config import TensorRTConfig
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for command in ("build", "detect", "serve", "eval", "bench"):
+        p = sub.choices[command]
+        flags = {o: a for a in p._actions for o in a.option_strings}
+        for name, flag in TENSORRT_FLAGS.items():
+            assert flag in flags, (command, flag)
+            assert flags[flag].default == TensorRTConfig.model_fields[name].default, (command, flag)
+        assert flags["--precision"].default == "fp32" and flags["--batch-size"].default == 16, command

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from raydetect.config import ConfigError, DetectorConfig, validate
+from raydetect.config import ConfigError, DetectorConfig
 from raydetect.engines.base import EngineUnavailableError
 from raydetect.engines.tensorrt_cache import (
     CacheResult,
@@ -373,6 +373,52 @@ class PreparedEngine:
         return layer_precision_summary(inspector.get_engine_information(trt.LayerInformationFormat.JSON))
 
 
+@dataclass(frozen=True)
+class EngineTarget:
+    """The engine a config asks for on one GPU: its cache key and the build decisions."""
+
+    key: EngineKey
+    plan: BuildPlan
+    nms: str
+    nms_params: dict[str, float | int]
+    shapes: ProfileShapes
+
+
+def engine_target(
+    card: ModelCard,
+    config: DetectorConfig,
+    *,
+    tensorrt_version: str,
+    gpu_name: str,
+    compute_capability: tuple[int, int],
+    caps: NMSCapabilities,
+    quantized: bool,
+) -> EngineTarget:
+    """Pure: the cache key (and precision plan, NMS choice, batch profile) of the engine for
+    ``card`` + ``config`` on a GPU with this TensorRT. ``raydetect build`` and every engine
+    load compute it here, so the same options always name the same cached engine."""
+    plan = precision_plan(parse_version(tensorrt_version), config.precision, quantized)
+    try:
+        nms = choose_nms(caps, config.tensorrt.nms)
+        shapes = profile_shapes(config.batch_size, config.tensorrt.opt_batch, card.imgsz)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    params = nms_params(nms, max_det=config.max_det, topk=nms_topk_limit(compute_capability),
+                        conf=config.conf, iou=config.iou)
+    key = make_key(
+        onnx_sha256=hashlib.sha256(card.onnx_bytes).hexdigest(),
+        tensorrt_version=tensorrt_version,
+        gpu_name=gpu_name,
+        compute_capability=compute_capability,
+        precision=plan.precision,
+        imgsz=card.imgsz,
+        batch_profile=shapes.batches,
+        nms=nms,
+        nms_params=params,
+    )
+    return EngineTarget(key, plan, nms, params, shapes)
+
+
 def prepare_engine(card: ModelCard, config: DetectorConfig, *, force: bool = False) -> PreparedEngine:
     """The engine for ``card`` and ``config`` on this GPU: from the cache, or built once."""
     why = probe_availability()
@@ -385,8 +431,10 @@ def prepare_engine(card: ModelCard, config: DetectorConfig, *, force: bool = Fal
 
     idx = device_index(config)
     gpu_name, cc = gpu_identity(idx)
-    version = parse_version(trt.__version__)
-    plan = precision_plan(version, config.precision, is_quantized(card.onnx_bytes))
+    target = engine_target(card, config, tensorrt_version=str(trt.__version__), gpu_name=gpu_name,
+                           compute_capability=cc, caps=nms_capabilities(trt),
+                           quantized=is_quantized(card.onnx_bytes))
+    key, plan, nms, params, shapes = target.key, target.plan, target.nms, target.nms_params, target.shapes
     if plan.precision == "int8":
         problems = qdq_problems(card.onnx_bytes)
         if problems:
@@ -395,23 +443,6 @@ def prepare_engine(card: ModelCard, config: DetectorConfig, *, force: bool = Fal
                 f"{card.url}: INT8 model TensorRT cannot build by explicit quantization: {shown}. "
                 "Quantize with symmetric INT8 activations and weights (QDQ, int8 zero points = 0)"
             )
-    try:
-        nms = choose_nms(nms_capabilities(trt), config.tensorrt.nms)
-        shapes = profile_shapes(config.batch_size, config.tensorrt.opt_batch, card.imgsz)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    params = nms_params(nms, max_det=config.max_det, topk=nms_topk_limit(cc), conf=config.conf, iou=config.iou)
-    key = make_key(
-        onnx_sha256=hashlib.sha256(card.onnx_bytes).hexdigest(),
-        tensorrt_version=str(trt.__version__),
-        gpu_name=gpu_name,
-        compute_capability=cc,
-        precision=plan.precision,
-        imgsz=card.imgsz,
-        batch_profile=shapes.batches,
-        nms=nms,
-        nms_params=params,
-    )
     cache = EngineCache(
         cache_dir_for(card.url, config.tensorrt.cache), config.storage, lock_timeout_s=config.tensorrt.lock_timeout_s
     )
@@ -449,58 +480,36 @@ def prepare_engine(card: ModelCard, config: DetectorConfig, *, force: bool = Fal
 # --- raydetect build -----------------------------------------------------------------------
 
 
+#: the detector options ``build`` takes (the rest do not change the engine)
+BUILD_FIELDS = ("model", "precision", "conf", "iou", "max_det", "batch_size", "device")
+
+
 def add_cli(sub: argparse._SubParsersAction) -> None:
-    from raydetect.cli import add_storage_args
+    from raydetect.cli import DeprecatedAlias, add_detector_args, add_storage_args
 
     p = sub.add_parser(
         "build",
         help="build (or find in the cache) the TensorRT engine of a model for this GPU",
         description=(
             "Build the TensorRT engine of a YOLO ONNX model for the GPU of this machine, with NMS inside "
-            "the network, and store it in the engine cache (next to the model, or --cache). Prints the "
-            "build time and the layer precision summary."
+            "the network, and store it in the engine cache (next to the model, or --trt-cache). Prints the "
+            "build time and the layer precision summary. The options are those of detect/serve: the same "
+            "values there find this engine in the cache."
         ),
     )
-    p.add_argument("--model", required=True, help="YOLO ONNX export (path or s3:// URL); an INT8 QDQ model for int8")
-    p.add_argument("--precision", default="fp16", help="fp32 | fp16 | int8 (default fp16)")
-    p.add_argument("--max-batch", type=int, default=16, help="largest batch of the profile (default 16)")
-    p.add_argument("--opt-batch", type=int, default=None, help="batch to optimise for (default: max batch)")
-    p.add_argument("--workspace-gb", type=float, default=4.0, help="builder workspace limit in GiB (default 4)")
-    p.add_argument("--cache", default=None, help="engine cache: local dir or s3:// prefix (default: next to the model)")
-    p.add_argument("--nms", default="auto", help="auto | inms | efficient_nms (default auto)")
-    p.add_argument("--conf", type=float, default=0.25, help="confidence threshold (built in for efficient_nms)")
-    p.add_argument("--iou", type=float, default=0.7, help="NMS IoU threshold (built in for efficient_nms)")
-    p.add_argument("--max-det", type=int, default=300, help="max detections per image (default 300)")
-    p.add_argument("--device", default=None, help="cuda | cuda:N (default: current device)")
+    add_detector_args(p, fields=BUILD_FIELDS)
+    # the spellings raydetect build had before sharing detect's options
+    p.add_argument("--max-batch", dest="batch_size", type=int, action=DeprecatedAlias, new="--batch-size")
+    p.add_argument("--cache", dest="trt_cache", action=DeprecatedAlias, new="--trt-cache")
     p.add_argument("--force", action="store_true", help="rebuild even when the cache has the engine")
     add_storage_args(p)
     p.set_defaults(func=run_build)
 
 
 def build_config(args: argparse.Namespace) -> DetectorConfig:
-    from raydetect.cli import storage_config
+    from raydetect.cli import detector_config
 
-    return validate(
-        DetectorConfig,
-        {
-            "model": args.model,
-            "engine": "tensorrt",
-            "precision": args.precision,
-            "conf": args.conf,
-            "iou": args.iou,
-            "max_det": args.max_det,
-            "batch_size": args.max_batch,
-            "device": args.device,
-            "storage": storage_config(args),
-            "tensorrt": {
-                "cache": args.cache,
-                "workspace_gb": args.workspace_gb,
-                "opt_batch": args.opt_batch,
-                "nms": args.nms,
-            },
-        },
-        "build",
-    )
+    return detector_config(args, engine="tensorrt")
 
 
 def run_build(args: argparse.Namespace) -> int:
