@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-EngineName = Literal["auto", "onnxruntime", "torch", "tensorrt"]
+EngineName = Literal["auto", "onnxruntime", "openvino", "torch", "tensorrt"]
 Precision = Literal["fp32", "fp16", "int8"]
 
 DEFAULT_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")

@@ -13,6 +13,7 @@ ENGINES: dict[str, str] = {
     "tensorrt": "raydetect.engines.tensorrt:TensorRTEngine",
     "torch": "raydetect.engines.torch:TorchEngine",
     "onnxruntime": "raydetect.engines.onnxruntime:OnnxRuntimeEngine",
+    "openvino": "raydetect.engines.openvino:OpenVINOEngine",
 }
 AUTO_ORDER = ("tensorrt", "torch", "onnxruntime")
 
