@@ -13,6 +13,7 @@ import typing
 from typing import Any
 
 from raydetect.config import ConfigError, DetectorConfig, StorageConfig, TensorRTConfig, validate
+from raydetect.errors import RaydetectError
 
 #: subcommand → module providing ``add_cli(subparsers)``; imported lazily at start-up
 #: (heavy imports such as ray stay inside the command functions).
@@ -196,19 +197,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, FileNotFoundError, FileExistsError) as e:
+    except RaydetectError as e:  # user-facing: config, model, engine, dataset, resources, storage
+        print(f"raydetect {args.command}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except (FileNotFoundError, FileExistsError) as e:
         print(f"raydetect {args.command}: error: {e}", file=sys.stderr)
         return 2
     except Exception as e:
-        from raydetect.engines.base import EngineUnavailableError
-        from raydetect.model_card import UnsupportedModelError
-        from raydetect.resources import InsufficientResourcesError
-        from raydetect.storage import StorageUnavailableError, storage_failure
+        from raydetect.storage import storage_failure
 
-        if isinstance(e, (EngineUnavailableError, UnsupportedModelError, InsufficientResourcesError)):
-            print(f"raydetect {args.command}: error: {e}", file=sys.stderr)
-            return 2
-        if isinstance(e, (StorageUnavailableError, TimeoutError)):  # incl. job.JobStalledError
+        if isinstance(e, TimeoutError):
             print(f"raydetect {args.command}: error: {e}", file=sys.stderr)
             return 3
         reason = storage_failure(e)
@@ -217,7 +215,6 @@ def main(argv: list[str] | None = None) -> int:
                   "re-run the same command", file=sys.stderr)
             return 3
         raise
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -10,13 +10,15 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from raydetect.errors import RaydetectError
+
 EngineName = Literal["auto", "onnxruntime", "openvino", "torch", "tensorrt"]
 Precision = Literal["fp32", "fp16", "int8"]
 
 DEFAULT_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
-class ConfigError(ValueError):
+class ConfigError(RaydetectError, ValueError):
     """A configuration value is invalid; the message names the field."""
 
 

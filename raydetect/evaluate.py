@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from raydetect.config import DEFAULT_IMAGE_EXTENSIONS, DetectorConfig, StorageConfig
+from raydetect.errors import RaydetectError
 from raydetect.storage import filesystem, is_remote_fs, to_uri
 from raydetect.types import ImageResult
 
@@ -52,7 +53,7 @@ CONVENTIONS = (
 )
 
 
-class DatasetError(ValueError):
+class DatasetError(RaydetectError, ValueError):
     """The labelled set cannot be read: the message names the file and the problem."""
 
 

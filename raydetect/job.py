@@ -26,6 +26,7 @@ import pyarrow.dataset as pads
 
 from raydetect import shards as sh
 from raydetect.config import JobConfig, validate
+from raydetect.errors import RaydetectError
 from raydetect.storage import (
     StorageUnavailableError,
     filesystem,
@@ -44,8 +45,10 @@ from raydetect.types import ImageResult, results_to_table
 log = logging.getLogger(__name__)
 
 
-class JobStalledError(TimeoutError):
+class JobStalledError(RaydetectError, TimeoutError):
     """No result arrived for ``stall_timeout_s``; the message is one line (what, how to resume)."""
+
+    exit_code = 3
 
 
 @dataclass

@@ -18,13 +18,14 @@ import onnx
 from onnx import numpy_helper
 
 from raydetect.config import StorageConfig
+from raydetect.errors import RaydetectError
 from raydetect.storage import read_bytes, sha256_bytes
 from raydetect.types import HeadLayout
 
 log = logging.getLogger(__name__)
 
 
-class UnsupportedModelError(ValueError):
+class UnsupportedModelError(RaydetectError, ValueError):
     """The ONNX graph is not a YOLO detection export raydetect can run."""
 
 

@@ -17,11 +17,12 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from raydetect.config import ConfigError, PlanConfig, validate
+from raydetect.errors import RaydetectError
 
 STAGES = ("end_to_end", "engine")
 
 
-class PlanError(ValueError):
+class PlanError(RaydetectError, ValueError):
     """The inputs of a plan cannot give an answer (e.g. no batch size meets the latency)."""
 
 

@@ -37,6 +37,7 @@ import onnx
 from pydantic import BaseModel, ConfigDict, Field
 
 from raydetect.config import DEFAULT_IMAGE_EXTENSIONS, ConfigError, StorageConfig, validate
+from raydetect.errors import RaydetectError
 from raydetect.model_card import ModelCard
 from raydetect.preprocess import ImageError, decode_image, letterbox, to_tensor
 from raydetect.storage import filesystem, is_remote_fs, list_files, to_uri
@@ -55,7 +56,7 @@ FLOAT_TAIL_RULE = (
 )
 
 
-class CalibrationError(ValueError):
+class CalibrationError(RaydetectError, ValueError):
     """The calibration input cannot produce a trustworthy table; the message says why."""
 
 

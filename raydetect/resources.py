@@ -14,10 +14,12 @@ import logging
 import math
 import time
 
+from raydetect.errors import RaydetectError
+
 log = logging.getLogger(__name__)
 
 
-class InsufficientResourcesError(RuntimeError):
+class InsufficientResourcesError(RaydetectError, RuntimeError):
     """The cluster has no room for the actors a job needs (the CLI exits 2 with the message)."""
 
 

@@ -15,6 +15,7 @@ import fsspec
 from fsspec.core import url_to_fs
 
 from raydetect.config import StorageConfig
+from raydetect.errors import RaydetectError
 
 log = logging.getLogger(__name__)
 
@@ -254,9 +255,11 @@ _UNREACHABLE = re.compile(
 )
 
 
-class StorageUnavailableError(OSError):
+class StorageUnavailableError(RaydetectError, OSError):
     """Object storage did not answer within its deadlines; the message is one line saying
     what failed, where, and how to resume."""
+
+    exit_code = 3
 
 
 def storage_failure(exc: BaseException) -> str | None:

@@ -6,13 +6,14 @@ from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
 from raydetect.config import DetectorConfig
+from raydetect.errors import RaydetectError
 from raydetect.model_card import ModelCard
 from raydetect.types import NMSOutput
 
 __all__ = ["Engine", "EngineUnavailableError", "NMSOutput"]
 
 
-class EngineUnavailableError(RuntimeError):
+class EngineUnavailableError(RaydetectError, RuntimeError):
     """The runtime an engine needs is not installed or has no device here."""
 
 
