@@ -230,12 +230,40 @@ class ServeConfig(_Strict):
         description="HTTP ingress of a Ray instance raydetect serve starts: HAProxy with direct "
         "ingress to replicas (Ray's high-throughput mode) or the classic Python proxy",
     )
+    ports_base: int | None = Field(
+        None, ge=1024, le=65000,
+        description="First of this instance's private ports (Serve's fallback proxy, replica ports) "
+        "when raydetect serve starts Ray; None: a free block, so instances on one host never share one",
+    )
+    haproxy_stats_port: int | None = Field(
+        None, ge=1, le=65535, description="HAProxy's stats page on host:PORT (HAProxy ingress); None: off"
+    )
+    haproxy_metrics_port: int | None = Field(
+        None, ge=1, le=65535, description="HAProxy's Prometheus exporter on host:PORT; None: off"
+    )
+    read_timeout_s: float = Field(
+        15.0, gt=0.0, le=3600.0,
+        description="A client must send its request headers and body within this; else 408",
+    )
+    max_pixels_in_flight: int = Field(
+        160_000_000, ge=1,
+        description="Decoded pixels per replica at once (bounds its memory); more wait for room",
+    )
+    admission_timeout_s: float = Field(
+        5.0, ge=0.0, le=3600.0,
+        description="How long a request waits for max_pixels_in_flight room; then 503 + Retry-After",
+    )
 
     @model_validator(mode="after")
     def _check_limits(self) -> ServeConfig:
         if self.min_replicas > self.max_replicas:
             raise ValueError(
                 f"min_replicas ({self.min_replicas}) must not exceed max_replicas ({self.max_replicas})"
+            )
+        if self.max_pixels_in_flight < self.detector.max_pixels:
+            raise ValueError(
+                f"max_pixels_in_flight ({self.max_pixels_in_flight}) must be >= detector.max_pixels "
+                f"({self.detector.max_pixels}), or the largest allowed image is never admitted"
             )
         if self.max_ongoing_requests < self.max_batch_size:
             raise ValueError(

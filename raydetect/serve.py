@@ -15,6 +15,7 @@ import signal
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,6 +33,7 @@ from raydetect.serve_http import (
     BatchResponse,
     DetectResponse,
     ModelInfo,
+    PixelBudget,
     Upload,
     check_api_key,
     check_image_type,
@@ -40,8 +42,10 @@ from raydetect.serve_http import (
     image_body_openapi,
     media_type,
     parse_multipart,
+    pixels_of,
     read_api_key,
     read_body,
+    release_memory,
 )
 from raydetect.serve_metrics import ServeMetrics
 from raydetect.types import ImageResult
@@ -122,6 +126,7 @@ class DetectorServer:
             det = det.model_copy(update={"batch_size": cfg.max_batch_size})
         self.detector = Detector(det)
         self._idle: asyncio.Event | None = None
+        self._pixels = PixelBudget(cfg.max_pixels_in_flight, cfg.admission_timeout_s)
         self._detect_batched.set_max_batch_size(cfg.max_batch_size)
         self._detect_batched.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
         self.metrics = serve_metrics.install(ServeMetrics(serve.get_replica_context().app_name))
@@ -206,7 +211,7 @@ class DetectorServer:
         det = self.cfg.detector
         ctype = media_type(request.headers.get("content-type"))
         if ctype == MULTIPART:
-            body = await read_body(request, det.max_bytes + MULTIPART_OVERHEAD)
+            body = await read_body(request, det.max_bytes + MULTIPART_OVERHEAD, self.cfg.read_timeout_s)
             uploads = await parse_multipart(request, body, 1, det.max_bytes)
             files = [u for u in uploads if u.field == "file"]
             if len(files) != 1:
@@ -216,7 +221,7 @@ class DetectorServer:
             check_image_type(upload.content_type, part=True)
         else:
             check_image_type(ctype)
-            upload = Upload("body", "body", ctype, await read_body(request, det.max_bytes))
+            upload = Upload("body", "body", ctype, await read_body(request, det.max_bytes, self.cfg.read_timeout_s))
         result, timings = await self._run(upload, conf, iou, max_det)
         timings["total_ms"] = (time.perf_counter() - t0) * 1e3
         return JSONResponse({**result.to_dict(), "model": self.model_id, "timings": timings})
@@ -227,7 +232,8 @@ class DetectorServer:
         if ctype != MULTIPART:
             raise HTTPException(415, f"/v1/detect/batch takes a multipart upload, not {ctype or 'none'!r}")
         limit = cfg.max_files * (det.max_bytes + MULTIPART_OVERHEAD)
-        uploads = await parse_multipart(request, await read_body(request, limit), cfg.max_files, det.max_bytes)
+        body = await read_body(request, limit, cfg.read_timeout_s)
+        uploads = await parse_multipart(request, body, cfg.max_files, det.max_bytes)
         if not uploads:
             raise HTTPException(400, "multipart upload holds no files")
 
@@ -244,6 +250,16 @@ class DetectorServer:
         return JSONResponse({"model": self.model_id, "results": results})
 
     async def _run(self, upload: Upload, conf, iou, max_det) -> tuple[ImageResult, dict[str, float]]:
+        # Decoded pixels in flight are bounded (max_pixels_in_flight): big images wait for room.
+        held = await self._pixels.acquire(pixels_of(upload.data, self.cfg.detector.max_pixels))
+        try:
+            return await self._run_admitted(upload, conf, iou, max_det)
+        finally:
+            self._pixels.release(held)
+            if self._pixels.in_use == 0 and held >= 4_000_000:  # ~12 MB of pixels just freed
+                await asyncio.to_thread(release_memory)
+
+    async def _run_admitted(self, upload: Upload, conf, iou, max_det) -> tuple[ImageResult, dict[str, float]]:
         det = self.cfg.detector
         t0 = time.perf_counter()
         image: np.ndarray | bytes
@@ -376,18 +392,24 @@ def _sigterm_as_ctrl_c(signum, frame) -> None:
 def run_forever(cfg: ServeConfig) -> None:
     """Start (or join) Ray, run the application on ``cfg.host:cfg.port`` and block until
     Ctrl-C; then delete the application (and stop Ray if this call started it)."""
+    import tempfile
+
     import ray
 
-    from raydetect.serve_ingress import use_ingress
+    from raydetect.serve_ingress import isolate, use_ingress
 
     read_api_key(cfg.api_key_env)  # fail here, not in the replica, when the key is missing
     started_ray = not ray.is_initialized()
     # ray.init() joins a cluster named by RAY_ADDRESS (or started by `ray start`); that one
-    # keeps the ingress it was started with.
-    ingress = cfg.ingress if os.environ.get("RAY_ADDRESS", "local") == "local" else "as the cluster was started"
+    # keeps the ingress (and ports) it was started with.
+    own_ray = os.environ.get("RAY_ADDRESS", "local") == "local"
+    ingress = cfg.ingress if own_ray else "as the cluster was started"
+    private = tempfile.TemporaryDirectory(prefix="rds-")
     if started_ray:
         # Read by the Ray processes this call starts; a running cluster keeps its own mode.
         use_ingress(cfg.ingress, drain_s=2.0)
+        if own_ray:  # private ports and HAProxy files: other instances on this host stay apart
+            ingress += " (" + isolate(cfg, Path(private.name)) + ")"
         ray.init(logging_level=logging.WARNING)
     # SIGTERM (kill, systemd, docker stop) stops like Ctrl-C: exit 0, no stack dump. Set after
     # ray.init, whose driver handler would exit with status 15.
@@ -422,3 +444,4 @@ def run_forever(cfg: ServeConfig) -> None:
         finally:
             if started_ray:
                 ray.shutdown()
+            private.cleanup()

@@ -33,6 +33,12 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
             "host": args.host,
             "port": args.port,
             "ingress": args.ingress,
+            "ports_base": args.ports_base,
+            "haproxy_stats_port": args.haproxy_stats_port,
+            "haproxy_metrics_port": args.haproxy_metrics_port,
+            "read_timeout_s": args.read_timeout_s,
+            "max_pixels_in_flight": args.max_pixels_in_flight,
+            "admission_timeout_s": args.admission_timeout_s,
         },
         "serve",
     )
@@ -58,6 +64,19 @@ def add_cli(sub) -> None:
                    help="HTTP ingress of the Ray instance this command starts: 'haproxy' (Ray Serve's "
                         "high-throughput mode, HAProxy straight to the replicas; default) or 'proxy' "
                         "(the classic Python proxy). A running cluster keeps the mode it was started with")
+    g.add_argument("--ports-base", type=int, default=None, metavar="PORT",
+                   help="first of this instance's private ports (Serve's fallback proxy, replica ports) "
+                        "of the Ray it starts (default: a free block; instances on one host never share)")
+    g.add_argument("--haproxy-stats-port", type=int, default=None, metavar="PORT",
+                   help="serve HAProxy's stats page on HOST:PORT (default: off)")
+    g.add_argument("--haproxy-metrics-port", type=int, default=None, metavar="PORT",
+                   help="serve HAProxy's Prometheus exporter on HOST:PORT (default: off)")
+    g.add_argument("--read-timeout-s", type=float, default=15.0,
+                   help="a client must send request headers and body within this, else 408 (default 15)")
+    g.add_argument("--max-pixels-in-flight", type=int, default=160_000_000,
+                   help="decoded pixels per replica at once; more wait (default 160e6)")
+    g.add_argument("--admission-timeout-s", type=float, default=5.0,
+                   help="wait this long for decode room, then 503 + Retry-After (default 5)")
     g.add_argument("--name", default="raydetect", help="Serve application name")
     g.add_argument("--route-prefix", default="/", help="URL prefix of the application (default /)")
     g.add_argument("--replicas", default="1", help="N, or MIN:MAX to autoscale (default 1)")

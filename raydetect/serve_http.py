@@ -10,6 +10,7 @@ the JSON wire format. Plain functions over Starlette requests, so the Serve depl
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import os
 from collections.abc import AsyncIterator, Mapping
@@ -66,9 +67,22 @@ def check_image_type(content_type: str, *, part: bool = False) -> None:
     )
 
 
-async def read_body(request: Request, limit: int) -> bytes:
+async def read_body(request: Request, limit: int, deadline_s: float | None = None) -> bytes:
     """The request body, refusing (413) more than ``limit`` bytes: from Content-Length before
-    reading anything when the client sends it, else while streaming."""
+    reading anything when the client sends it, else while streaming. A body not complete
+    within ``deadline_s`` gets 408 (a slow client must not hold the replica's request slot)."""
+    if deadline_s is None:
+        return await _read_body(request, limit)
+    try:
+        async with asyncio.timeout(deadline_s):
+            return await _read_body(request, limit)
+    except TimeoutError:
+        raise HTTPException(
+            408, f"request body not received within read_timeout_s {deadline_s:g} s", {"Connection": "close"}
+        ) from None
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None:
         try:
@@ -122,6 +136,81 @@ async def parse_multipart(request: Request, body: bytes, max_files: int, max_byt
     if len(uploads) > max_files:
         raise HTTPException(413, f"too many files: at most {max_files} per request (got {len(uploads)})")
     return uploads
+
+
+class PixelBudget:
+    """Admission by decoded size: at most ``capacity`` pixels decoded at once in this replica
+    (a 40 MP image is 120 MB of BGR before letterboxing). A request waits, first come first
+    served, for room; after ``wait_s`` it gets 503 with ``Retry-After``."""
+
+    def __init__(self, capacity: int, wait_s: float) -> None:
+        self.capacity = capacity
+        self.wait_s = wait_s
+        self.in_use = 0
+        self._waiters: list[tuple[int, asyncio.Future]] = []
+
+    def _wake(self) -> None:
+        while self._waiters and self.in_use + self._waiters[0][0] <= self.capacity:
+            n, fut = self._waiters.pop(0)
+            if not fut.done():
+                self.in_use += n
+                fut.set_result(None)
+
+    async def acquire(self, pixels: int) -> int:
+        """Take ``pixels`` (capped at ``capacity``); returns what to :meth:`release`."""
+        n = min(max(pixels, 1), self.capacity)
+        if not self._waiters and self.in_use + n <= self.capacity:
+            self.in_use += n
+            return n
+        fut = asyncio.get_running_loop().create_future()
+        self._waiters.append((n, fut))
+        try:
+            await asyncio.wait_for(asyncio.shield(fut), self.wait_s)
+        except TimeoutError:
+            if fut.done():  # admitted just as the wait ran out
+                return n
+            self._waiters.remove((n, fut))
+            fut.cancel()
+            self._wake()
+            retry = max(1, round(self.wait_s))
+            raise HTTPException(
+                503, f"replica busy decoding {self.in_use} pixels (max_pixels_in_flight "
+                     f"{self.capacity}); retry in {retry} s", {"Retry-After": str(retry)},
+            ) from None
+        except BaseException:
+            if fut.done() and not fut.cancelled():
+                self.release(n)
+            else:
+                self._waiters.remove((n, fut))
+                fut.cancel()
+            raise
+        return n
+
+    def release(self, n: int) -> None:
+        self.in_use -= n
+        self._wake()
+
+
+def pixels_of(data: bytes, max_pixels: int) -> int:
+    """Pixels the image will decode to, from its header; ``max_pixels`` when the header does
+    not tell (the decoder refuses more)."""
+    try:
+        size = image_size(data)
+    except Exception:
+        size = None
+    return max_pixels if size is None else min(size[0] * size[1], max_pixels)
+
+
+def release_memory() -> None:
+    """Hand freed heap back to the OS (glibc ``malloc_trim``): decoding big images in worker
+    threads leaves arenas that otherwise keep the replica's RSS at its peak."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 # --- API keys ---------------------------------------------------------------------------

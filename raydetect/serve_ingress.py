@@ -19,6 +19,7 @@ local Ray instance they start.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 INGRESS_MODES = ("haproxy", "proxy")
 
@@ -60,3 +61,134 @@ def ingress_from_env(environ: dict[str, str] | None = None) -> str:
     """The mode an environment selects (how Ray's processes started from it will serve)."""
     environ = os.environ if environ is None else environ
     return "haproxy" if environ.get("RAY_SERVE_ENABLE_HA_PROXY", "0") == "1" else "proxy"
+
+
+# --- isolation of one instance on a shared host ---------------------------------------------
+#
+# Serve's HAProxy ingress uses host-wide fixed ports: the fallback proxy (127.0.0.1:8500, where
+# HAProxy sends requests while an app has no replica), HAProxy's stats page (8404) and exporter
+# (9101), and replica ports handed out from 30000 up. Two Ray instances on one host then share
+# them: during a replica restart one instance's HAProxy forwards to the other's fallback proxy
+# or to a replica that took over a freed port — the other application answers. Each instance
+# that ``raydetect serve`` starts gets a private block of ports instead (:func:`reserve_ports`)
+# and a private directory for HAProxy's files.
+
+#: Where private blocks are taken from: below Ray's replica range (30000-31000) and below the
+#: usual ephemeral range (32768-60999), so neither another Ray nor an outgoing connection
+#: lands in one.
+BLOCK_RANGE = (20000, 30000)
+_held_locks: list = []  # lock files of the blocks this process holds (kept open until exit)
+
+
+def replica_ports(max_replicas: int) -> int:
+    """Replica ports of a block: a freed port stays quarantined (~150 s), so restarts need
+    fresh ones."""
+    return 4 * max_replicas + 8
+
+
+def block_size(max_replicas: int) -> int:
+    """Fallback HTTP + gRPC ports, then replica HTTP and gRPC ports."""
+    return 2 + 2 * replica_ports(max_replicas)
+
+
+def _port_free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind(("", port))
+        except OSError:
+            return False
+    return True
+
+
+def reserve_ports(size: int, base: int | None = None) -> int:
+    """The first port of ``size`` consecutive free ports reserved for this process: an
+    exclusive ``flock`` per block in a per-user directory makes concurrent ``raydetect serve``
+    processes take different blocks (the lock goes with the process). ``base`` given: that
+    block, checked free."""
+    import fcntl
+    import random
+    import tempfile
+
+    lock_dir = Path(tempfile.gettempdir()) / f"raydetect-ports-{os.getuid()}"
+    lock_dir.mkdir(mode=0o700, exist_ok=True)
+    lo, hi = BLOCK_RANGE
+    if base is not None:
+        candidates = [base]
+    else:
+        candidates = list(range(lo, hi - size, size))
+        random.shuffle(candidates)
+    for start in candidates:
+        f = open(lock_dir / f"{start}.lock", "w")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.close()
+            continue
+        if all(_port_free(p) for p in range(start, start + size)):
+            _held_locks.append(f)
+            return start
+        f.close()
+    where = f"ports {base}-{base + size - 1}" if base is not None else f"a block of {size} free ports in {lo}-{hi}"
+    raise OSError(f"serve.ports_base: {where} not free")
+
+
+def isolation_env(
+    base: int,
+    max_replicas: int,
+    private_dir: Path,
+    *,
+    stats: str = "",
+    metrics: str = "",
+    read_timeout_s: float | None = None,
+) -> dict[str, str]:
+    """Environment of the Ray processes for an instance with the port block at ``base`` and
+    HAProxy's files in ``private_dir`` (made 0700: the admin socket is reachable by this user
+    only). ``stats``/``metrics``: ``host:port`` of HAProxy's stats page and exporter, empty for
+    none; ``read_timeout_s``: HAProxy's deadline for a request's headers (and buffered body)."""
+    from raydetect import serve_haproxy
+
+    private_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    private_dir.chmod(0o700)
+    n = replica_ports(max_replicas)
+    haproxy_dir = private_dir / "h"  # short: socket paths (+ node id) must fit 108 bytes
+    env = {
+        "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(base),
+        "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(base + 1),
+        "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(base + 2),
+        "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(base + 1 + n),
+        "RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT": str(base + 2 + n),
+        "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT": str(base + 1 + 2 * n),
+        "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(haproxy_dir / "haproxy.cfg"),
+        "RAY_SERVE_HAPROXY_SOCKET_PATH": str(haproxy_dir / "admin.sock"),
+        "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(haproxy_dir),
+        "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(haproxy_dir / "server-state"),
+        "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": str(haproxy_dir / "metrics.sock"),
+        serve_haproxy.ENV_STATS: stats,
+        serve_haproxy.ENV_METRICS: metrics,
+    }
+    try:
+        from ray.serve._private.haproxy import get_haproxy_binary
+
+        env[serve_haproxy.ENV_BINARY] = get_haproxy_binary()
+        env["RAY_SERVE_HAPROXY_BINARY_PATH"] = str(serve_haproxy.write_wrapper(private_dir))
+    except FileNotFoundError:  # no HAProxy here: the proxy ingress still gets its ports
+        pass
+    if read_timeout_s is not None:
+        env[serve_haproxy.ENV_READ_TIMEOUT_MS] = str(max(1, round(read_timeout_s * 1e3)))
+    return env
+
+
+def isolate(cfg, private_dir: Path) -> str:
+    """Reserve this instance's ports and set :func:`isolation_env` from a
+    :class:`~raydetect.config.ServeConfig` for the Ray instance about to start; returns a
+    line that says what was set."""
+    base = reserve_ports(block_size(cfg.max_replicas), cfg.ports_base)
+    stats = f"{cfg.host}:{cfg.haproxy_stats_port}" if cfg.haproxy_stats_port else ""
+    metrics = f"{cfg.host}:{cfg.haproxy_metrics_port}" if cfg.haproxy_metrics_port else ""
+    os.environ.update(isolation_env(base, cfg.max_replicas, private_dir, stats=stats, metrics=metrics,
+                                    read_timeout_s=cfg.read_timeout_s))
+    size = block_size(cfg.max_replicas)
+    return (f"private ports {base}-{base + size - 1}, HAProxy stats {stats or 'off'}, "
+            f"metrics {metrics or 'off'}")

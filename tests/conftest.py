@@ -16,6 +16,8 @@ DEFECTS = DATA / "defects"
 
 S3_KEY = "testing"
 S3_SECRET = "testing"
+#: Read deadline of the session's Serve instance (HAProxy) and of the test apps (replicas).
+SERVE_READ_TIMEOUT_S = 4.0
 
 
 def photo_paths() -> list[Path]:
@@ -39,12 +41,19 @@ def data_dir() -> Path:
 def ray_local():
     """One in-process local Ray instance for the session (never an existing cluster), with
     the Serve ingress ``raydetect serve`` uses by default (HAProxy to the replicas)."""
+    import tempfile
+
     import ray
 
-    from raydetect.serve_ingress import use_ingress
+    from raydetect.serve_ingress import block_size, isolation_env, reserve_ports, use_ingress
 
     if not ray.is_initialized():
         use_ingress("haproxy", drain_s=1.0)
+        # Private ports and HAProxy files, as `raydetect serve` has: the suite never meets
+        # another Serve instance on this host (HAProxy's read deadline: SERVE_READ_TIMEOUT_S).
+        private = Path(tempfile.mkdtemp(prefix="rdt-"))
+        os.environ.update(isolation_env(reserve_ports(block_size(4)), 4, private,
+                                        read_timeout_s=SERVE_READ_TIMEOUT_S))
         ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
