@@ -58,16 +58,20 @@ class Instance:
         return out
 
 
-def start_instance(name: str, tmp: Path, key: str, marker: int, extra: list[str] = ()) -> Instance:
+def start_instance(name: str, tmp: Path, key: str, marker: int, extra: list[str] = (), *,
+                   repo: Path = REPO, env: dict[str, str] | None = None) -> Instance:
+    """``raydetect serve`` of the checkout ``repo`` (another one: a before/after comparison)."""
     port = free_port()
     env_var = f"RAYDETECT_{name.upper()}_KEY"
-    env = {**os.environ, "RAY_ADDRESS": "local", env_var: key}
+    env = {**os.environ, "RAY_ADDRESS": "local", env_var: key, **(env or {})}
+    if repo != REPO:
+        env["PYTHONPATH"] = str(repo)
     log = tmp / f"{name}.log"
     cmd = [sys.executable, "-m", "raydetect.cli", "serve", "--model", MODEL, "--port", str(port),
            "--name", name, "--num-cpus", "0.5", "--api-key-env", env_var,
            "--max-batch-size", str(marker), "--batch-wait-ms", "2", *extra]
     with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(cmd, cwd=repo, env=env, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     return Instance(name, port, key, marker, proc, log, list(extra))
 
