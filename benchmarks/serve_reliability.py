@@ -7,7 +7,8 @@ For each checkout it starts two `raydetect serve` processes on this host (own Ra
 different API keys; the older one's second instance gets free HAProxy stats/metrics ports
 through Ray's environment variables, without which it cannot start) and measures:
 
-* isolation: both are probed with /v1/model (each with its own key) while a replica of the
+* isolation: both are probed with /v1/model (each with its own key, 8 closed loops each
+  during the restart) while a replica of the
   first is killed (SIGKILL) until a new one has served for 8 s; an answer by the other
   instance (its key refused, or its marker) counts as *cross-answered*;
 * slow clients: 32 clients trickling their headers, 32 their (buffered) body and 8 a body
@@ -76,7 +77,7 @@ def isolation(a, b) -> dict:
     def back() -> bool:
         return time.monotonic() - t_kill > 8 and bool(set(a.replica_pids()) - set(replicas))
 
-    during = asyncio.run(probe([a, b], 120, stop_when=back))
+    during = asyncio.run(probe([a, b], 120, stop_when=back, loops=8))
     after = asyncio.run(probe([a, b], 3))
     total: dict[str, dict[str, int]] = {a.name: {}, b.name: {}}
     for phase in (before, during, after):
@@ -121,6 +122,7 @@ def slow(a) -> dict:
         "valid_idle_p50_ms": round(statistics.median(t for _, t in idle) * 1e3, 1),
         "valid_loaded_p50_ms": round(statistics.median(t for _, t in loaded) * 1e3, 1),
         "valid_loaded_max_ms": round(max(t for _, t in loaded) * 1e3, 1),
+        "valid_idle_statuses": sorted({s for s, _ in idle}),
         "valid_loaded_statuses": sorted({s for s, _ in loaded}),
     }
 
@@ -188,8 +190,8 @@ def markdown(runs: list[dict], cmd: str) -> str:
         lines.append(f"| {r['checkout']} | {tried} | {tot.get('own', 0)} | {tot.get('cross', 0)} | "
                      f"{tot.get('5xx', 0)} | {other} | {r['isolation']['recovery_s']} |")
     lines += ["", "Slow clients (one byte every 2 s; statuses they got, slowest answer; valid requests' p50):", "",
-              "| checkout | headers | body (buffered) | body > HAProxy buffer | valid p50 idle ms | valid p50 during ms |",
-              "|---|---|---|---|---|---|"]
+              "| checkout | headers | body (buffered) | body > HAProxy buffer | valid p50 idle ms | valid p50 during ms "
+              "| valid statuses |", "|---|---|---|---|---|---|---|"]
     for r in runs:
         s = r["slow"]
 
@@ -198,7 +200,8 @@ def markdown(runs: list[dict], cmd: str) -> str:
             st = ", ".join(f"{n}x {'none' if k == 'None' else k}" for k, n in sorted(d["statuses"].items()))
             return f"{st} (≤ {d['max_s']} s)"
         lines.append(f"| {r['checkout']} | {cell('headers')} | {cell('body')} | {cell('fast-body')} | "
-                     f"{s['valid_idle_p50_ms']} | {s['valid_loaded_p50_ms']} |")
+                     f"{s['valid_idle_p50_ms']} | {s['valid_loaded_p50_ms']} | "
+                     f"{', '.join(map(str, sorted(set(s.get('valid_idle_statuses', [])) | set(s['valid_loaded_statuses']))))} |")
     lines += ["", "Memory (16 concurrent 39.7 MP PNGs, replica RSS in MiB):", "",
               "| checkout | statuses | wall s | RSS before | peak (VmHWM) | 10 s after |", "|---|---|---|---|---|---|"]
     for r in runs:

@@ -125,9 +125,11 @@ def classify(inst: Instance, others: list[Instance], r: httpx.Response) -> str:
     return f"{r.status_code // 100}xx"
 
 
-async def probe(insts: list[Instance], seconds: float, stop_when=None) -> dict[str, dict[str, int]]:
-    """Each instance gets /v1/model requests (with its own key) in a closed loop for
-    ``seconds`` (or until ``stop_when()``); counts by :func:`classify`."""
+async def probe(insts: list[Instance], seconds: float, stop_when=None, loops: int = 1) -> dict[str, dict[str, int]]:
+    """Each instance gets /v1/model requests (with its own key) from ``loops`` closed loops for
+    ``seconds`` (or until ``stop_when()``); counts by :func:`classify`. While an instance has
+    no replica its requests wait (Serve's fallback proxy holds them): more loops, more
+    requests in flight across the restart."""
     counts = {i.name: {} for i in insts}
     end = time.monotonic() + seconds
 
@@ -142,7 +144,7 @@ async def probe(insts: list[Instance], seconds: float, stop_when=None) -> dict[s
                 counts[inst.name][kind] = counts[inst.name].get(kind, 0) + 1
                 await asyncio.sleep(0.02)
 
-    await asyncio.gather(*(loop(i) for i in insts))
+    await asyncio.gather(*(loop(i) for i in insts for _ in range(loops)))
     return counts
 
 

@@ -53,14 +53,14 @@ def test_two_instances_never_answer_each_other(tmp_path):
         def a_back() -> bool:  # a new replica of alpha runs and a few seconds have passed since
             return time.monotonic() - t_kill > 8 and bool(set(a.replica_pids()) - set(replicas))
 
-        during = asyncio.run(probe([a, b], 90, stop_when=a_back))
+        during = asyncio.run(probe([a, b], 90, stop_when=a_back, loops=8))
         after = asyncio.run(probe([a, b], 3))
         for phase in (before, during, after):
             for name, counts in phase.items():
                 assert counts.get("cross", 0) == 0 and counts.get("other", 0) == 0, (name, phase)
         assert before["alpha"].get("own", 0) > 0 and after["alpha"].get("own", 0) > 0, (before, after)
         assert set(during["beta"]) == {"own"}, during  # the other instance did not notice
-        assert sum(during["alpha"].values()) > 10, during
+        assert sum(during["alpha"].values()) >= 8, during  # each loop's request got an answer
         r = httpx.post(a.url + "/v1/detect", content=IMAGE.read_bytes(), timeout=60,
                        headers={**a.auth, "Content-Type": "image/jpeg"})
         assert r.status_code == 200 and r.json()["detections"], r.text
