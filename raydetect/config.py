@@ -189,6 +189,21 @@ class JobConfig(_Strict):
         None, gt=0.0, le=604_800.0,
         description="Fail the job (resumable) after this long without a result; None: no limit beyond the storage deadlines",
     )
+    via_serve: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9_.-]+$",
+        description="Send the batches to this running raydetect Serve application (its replicas run "
+        "them between online requests) instead of starting detector actors; concurrency, num_cpus "
+        "and actor_concurrency then size the pool of handle callers",
+    )
+
+    @model_validator(mode="after")
+    def _check_via_serve(self) -> JobConfig:
+        if self.via_serve is not None and self.num_gpus > 0:
+            raise ValueError(
+                f"num_gpus ({self.num_gpus}) must be 0 with via_serve: the Serve replicas hold the GPUs"
+            )
+        return self
 
     @field_validator("extensions")
     @classmethod
@@ -225,6 +240,16 @@ class ServeConfig(_Strict):
     )
     host: str = Field("127.0.0.1", min_length=1)
     port: int = Field(8000, ge=1, le=65535)
+    archive_max_batches: int = Field(
+        4, ge=1, le=1024,
+        description="Archive batches (from jobs run --via-serve) one replica holds at once, queued or "
+        "running; more are answered 'busy' and the job retries them (backpressure)",
+    )
+    archive_max_replicas: int | None = Field(
+        None, ge=0, le=1000,
+        description="Most replicas archive work alone may keep alive when autoscaling (online load "
+        "scales beyond it); None = max_replicas",
+    )
     ingress: Literal["haproxy", "proxy"] = Field(
         "haproxy",
         description="HTTP ingress of a Ray instance raydetect serve starts: HAProxy with direct "
@@ -269,6 +294,17 @@ class ServeConfig(_Strict):
             raise ValueError(
                 f"max_ongoing_requests ({self.max_ongoing_requests}) must be >= max_batch_size "
                 f"({self.max_batch_size}), or batches can never fill"
+            )
+        if self.max_ongoing_requests < self.max_batch_size + self.archive_max_batches:
+            raise ValueError(
+                f"max_ongoing_requests ({self.max_ongoing_requests}) must be >= max_batch_size "
+                f"({self.max_batch_size}) + archive_max_batches ({self.archive_max_batches}), or "
+                "archive batches could keep online requests from filling a batch"
+            )
+        if self.archive_max_replicas is not None and self.archive_max_replicas > self.max_replicas:
+            raise ValueError(
+                f"archive_max_replicas ({self.archive_max_replicas}) must not exceed max_replicas "
+                f"({self.max_replicas})"
             )
         return self
 

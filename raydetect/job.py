@@ -94,8 +94,9 @@ class JobSummary:
         return {**asdict(self), "images_per_s": self.images_per_s}
 
 
-def build_dataset(cfg: JobConfig, files: list[str], fs):
-    """The lazy Ray Dataset of result rows for ``files`` on ``fs``."""
+def build_dataset(cfg: JobConfig, files: list[str], fs, serve_info: dict | None = None):
+    """The lazy Ray Dataset of result rows for ``files`` on ``fs`` (through the Serve app's
+    replicas when ``cfg.via_serve``; ``serve_info`` is what they reported)."""
     import ray
 
     plain = [f for f in files if not needs_own_reader(f)]
@@ -112,6 +113,27 @@ def build_dataset(cfg: JobConfig, files: list[str], fs):
     threads = {}
     if cfg.actor_concurrency > 1:  # calls run in threads: one decodes while another infers
         threads = {"max_concurrent_calls_per_actor": cfg.actor_concurrency, "enable_true_multi_threading": True}
+    if cfg.via_serve is not None:
+        from raydetect.serve_job import ServeCaller
+
+        det = cfg.detector
+        return ds.map_batches(
+            ServeCaller,
+            fn_constructor_kwargs={
+                "app": cfg.via_serve,
+                "model_sha256": serve_info["sha256"],
+                "sub_batch": serve_info["max_batch_size"],
+                "conf": det.conf,
+                "iou": det.iou,
+                "max_det": det.max_det,
+                "uri_prefix": uri_prefix(fs),
+                "job": cfg.output,
+            },
+            batch_size=cfg.rows_per_call or cfg.detector.batch_size,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(min_size=min_size, max_size=max_size, **threads),
+            num_cpus=cfg.num_cpus,
+        )
     return ds.map_batches(
         MeteredDetector,
         fn_constructor_kwargs={
@@ -131,20 +153,36 @@ def build_dataset(cfg: JobConfig, files: list[str], fs):
 RESULT_SETTINGS = ("engine", "precision", "conf", "iou", "max_det", "max_pixels", "max_bytes")
 
 
-def job_manifest(cfg: JobConfig) -> dict:
-    """The manifest this job writes to ``OUTPUT/_job.json`` (reads the model to hash it)."""
+def job_manifest(cfg: JobConfig, serve_info: dict | None = None) -> dict:
+    """The manifest this job writes to ``OUTPUT/_job.json`` (reads the model to hash it).
+    Through Serve (``serve_info``: what the replicas report) the engine, precision and limits
+    are the replicas', and the app is recorded; their model must be the job's."""
     det = cfg.detector
     settings = {k: getattr(det, k) for k in RESULT_SETTINGS}
     settings["extensions"] = sorted(cfg.extensions)
     from raydetect.video.pipeline import video_settings
 
     settings["video"] = video_settings(cfg.video)
-    return sh.make_manifest(
-        model_sha256=sha256_bytes(read_bytes(det.model, det.storage)),
+    model_sha256 = sha256_bytes(read_bytes(det.model, det.storage))
+    if serve_info is not None:
+        if serve_info["sha256"] != model_sha256:
+            from raydetect.serve_job import ServeAppError
+
+            raise ServeAppError(
+                f"--via-serve {cfg.via_serve}: the application serves model sha256 {serve_info['sha256']} "
+                f"({serve_info.get('url')}), but --model {det.model} is {model_sha256}; refusing to mix models"
+            )
+        settings.update({k: serve_info[k] for k in ("engine", "precision", "max_pixels", "max_bytes")})
+    manifest = sh.make_manifest(
+        model_sha256=model_sha256,
         input=normalise_url(cfg.input),
         settings=settings,
         shard_size=cfg.shard_size,
     )
+    if serve_info is not None:
+        manifest["via_serve"] = {"app": cfg.via_serve, "model_sha256": serve_info["sha256"],
+                                 "engine": serve_info["engine"], "device": serve_info.get("device")}
+    return manifest
 
 
 def prepare_output(cfg: JobConfig, manifest: dict, overwrite: bool):
@@ -261,7 +299,8 @@ def _results(ds, stop: threading.Event, out: queue.Queue) -> None:
 
 def run_images(cfg: JobConfig, in_fs, out_fs, out_path: str, plan: sh.ShardPlan, uri_prefix: str,
                timeline: list[tuple[float, int]], errors: dict[str, str] | None = None,
-               model_sha256: str = "", heartbeat: Heartbeat | None = None) -> sh.WriteStats:
+               model_sha256: str = "", heartbeat: Heartbeat | None = None,
+               serve_info: dict | None = None) -> sh.WriteStats:
     """Run the pending shards of ``plan`` and write their part files as they complete.
     ``errors`` (unreadable inputs) get their error rows from the driver. ``timeline`` receives
     ``(seconds since start, images done)`` after every result batch, ``heartbeat`` a beat
@@ -283,7 +322,7 @@ def run_images(cfg: JobConfig, in_fs, out_fs, out_path: str, plan: sh.ShardPlan,
         hb.beat(done=done)
     readable = [p for p in pending if p not in errors]
     if readable:
-        ds = build_dataset(cfg, readable, in_fs)
+        ds = build_dataset(cfg, readable, in_fs, serve_info)
         results: queue.Queue = queue.Queue(maxsize=4)
         stop = threading.Event()
         producer = threading.Thread(target=_results, args=(ds, stop, results), name="raydetect-results", daemon=True)
@@ -366,9 +405,20 @@ def _run_job(cfg: JobConfig, overwrite: bool, hb: Heartbeat) -> JobSummary:
             f"under {show(cfg.input)}" + (f" ({'; '.join(listing.skipped_lines())})" if listing.skipped else "")
         )
     prefix = uri_prefix(in_fs)
+    serve_info = None
+    if cfg.via_serve is not None:
+        if videos:
+            raise ValueError(f"--via-serve takes images only; {len(videos)} video(s) under {show(cfg.input)} "
+                             f"(e.g. {show(videos[0])}): run them without --via-serve")
+        hb.beat(f"connecting to the Serve application {cfg.via_serve}")
+        if not ray.is_initialized():
+            ray.init(logging_level=logging.WARNING)
+        from raydetect.serve_job import connect
+
+        _, serve_info = connect(cfg.via_serve)
     hb.beat(f"reading the model and preparing {show(cfg.output)}")
     with _storage_phase(f"reading the model and preparing {show(cfg.output)}", cfg):
-        manifest = job_manifest(cfg)
+        manifest = job_manifest(cfg, serve_info)
         out_fs, out_path = prepare_output(cfg, manifest, overwrite)
         plan = sh.plan_resume(out_fs, out_path, files, cfg.shard_size, prefix)
     total_shards = len(plan.pending) + len([d for d in plan.done if d not in plan.stale_parts])
@@ -391,7 +441,7 @@ def _run_job(cfg: JobConfig, overwrite: bool, hb: Heartbeat) -> JobSummary:
                   "(done shards are skipped)")
         with _storage_phase(f"running {len(plan.pending)} shards of {show(cfg.input)}", cfg, resume):
             stats = run_images(cfg, in_fs, out_fs, out_path, plan, prefix, timeline, errors,
-                               manifest["model_sha256"], hb)
+                               manifest["model_sha256"], hb, serve_info)
     hb.beat("summarizing")
     seconds = time.perf_counter() - t0
     summary = summarize(out_fs, out_path, len(files), seconds, cfg.output)
@@ -449,6 +499,9 @@ def add_job_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-report", action="store_true", help="skip OUTPUT/_report (report, plot, samples)")
     p.add_argument("--report-samples", type=int, default=4, help="annotated sample images in the report")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--via-serve", default=None, metavar="APP",
+                   help="run the batches on the replicas of this running raydetect Serve application "
+                        "(online requests keep priority) instead of starting detector actors")
     p.add_argument("--resource-wait-s", type=float, default=300.0,
                    help="fail when no node fits the detector actors (--num-gpus/--num-cpus) after this "
                         "wait for an autoscaler, seconds (default 300; no wait on a Ray this command started)")
@@ -487,6 +540,7 @@ def job_config(args: argparse.Namespace) -> JobConfig:
             "stall_warn_s": args.stall_warn_s,
             "stall_timeout_s": args.stall_timeout_s,
             "video": video_options(args),
+            "via_serve": args.via_serve,
         },
         "job",
     )

@@ -14,7 +14,8 @@ import os
 import signal
 import threading
 import time
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.responses import JSONResponse
 from ray import serve
 
-from raydetect import __version__, serve_metrics
+from raydetect import __version__, serve_autoscale, serve_metrics
 from raydetect.config import ConfigError, DetectorConfig, ServeConfig, parse_replicas, validate
 from raydetect.detector import Detector
 from raydetect.serve_http import (
@@ -47,6 +48,7 @@ from raydetect.serve_http import (
     read_body,
     release_memory,
 )
+from raydetect.serve_job import ARCHIVE_BUSY
 from raydetect.serve_metrics import ServeMetrics
 from raydetect.types import ImageResult
 
@@ -110,6 +112,29 @@ class _Job:
     iou: float
     max_det: int
     enqueued: float
+    taken: bool = False  # in an engine batch (no longer counted as waiting)
+
+
+@dataclass
+class _ArchiveBatch:
+    """One batch of encoded images from a job run ``--via-serve``: its images wait in the
+    archive queue and fill engine batches; ``done`` resolves when every one has its result."""
+
+    images: list[bytes]
+    uris: list[str]
+    conf: float
+    iou: float
+    max_det: int
+    enqueued: float
+    done: asyncio.Future
+    results: list[ImageResult | None] = field(default_factory=list)
+    left: int = 0
+
+    def finish(self, i: int, result: ImageResult) -> None:
+        self.results[i] = result
+        self.left -= 1
+        if self.left == 0 and not self.done.done():
+            self.done.set_result(None)
 
 
 @serve.deployment(name="Detector")
@@ -127,6 +152,16 @@ class DetectorServer:
         self.detector = Detector(det)
         self._idle: asyncio.Event | None = None
         self._pixels = PixelBudget(cfg.max_pixels_in_flight, cfg.admission_timeout_s)
+        # Two queues in front of the engine: online requests (Serve's batcher) and archive
+        # images (jobs run --via-serve). Archive images fill the rest of each online batch and
+        # get an engine call of their own only while no online request waits.
+        self._online_waiting = 0  # online images accepted, not yet in an engine call
+        self._online_running = 0  # online images in the engine call now
+        self._archive: deque[tuple[_ArchiveBatch, int]] = deque()  # (batch, image index)
+        self._archive_batches = 0  # archive batches held (queued or running)
+        self._archive_running = 0  # archive images in the engine call now
+        self._wake: asyncio.Condition | None = None
+        self._archive_task: asyncio.Task | None = None
         self._detect_batched.set_max_batch_size(cfg.max_batch_size)
         self._detect_batched.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
         self.metrics = serve_metrics.install(ServeMetrics(serve.get_replica_context().app_name))
@@ -199,6 +234,130 @@ class DetectorServer:
         t0 = time.perf_counter()
         check_api_key(request.headers, self.api_key)
         return await self._with_timeout(self._detect_many(request, t0, conf, iou, max_det))
+
+    # --- archive work (raydetect detect --via-serve), through the deployment handle --------
+    async def archive_info(self) -> dict[str, Any]:
+        """The model and limits a job checks before sending batches (its manifest records them)."""
+        info = self.detector.info()
+        det = self.cfg.detector
+        return {
+            **self.model_id,
+            "max_batch_size": self.cfg.max_batch_size,
+            "archive_max_batches": self.cfg.archive_max_batches,
+            "max_pixels": det.max_pixels,
+            "max_bytes": det.max_bytes,
+            "device": info["device"],
+        }
+
+    async def detect_archive(self, images: list[bytes], uris: list[str], conf: float | None = None,
+                             iou: float | None = None, max_det: int | None = None):
+        """Detect in one batch of encoded images from a job; returns the result rows (a
+        ``pyarrow.Table``, the job's schema) or :data:`ARCHIVE_BUSY` when this replica already
+        holds ``archive_max_batches`` batches (nothing was queued: send it again later)."""
+        if len(images) != len(uris):
+            raise ValueError(f"{len(images)} images but {len(uris)} uris")
+        if self._archive_batches >= self.cfg.archive_max_batches:
+            self.metrics.record_archive_busy()
+            return ARCHIVE_BUSY
+        det = self.cfg.detector
+        loop = asyncio.get_running_loop()
+        batch = _ArchiveBatch(
+            images=[bytes(b) for b in images],
+            uris=list(uris),
+            conf=det.conf if conf is None else float(conf),
+            iou=det.iou if iou is None else float(iou),
+            max_det=det.max_det if max_det is None else int(max_det),
+            enqueued=time.perf_counter(),
+            done=loop.create_future(),
+            results=[None] * len(images),
+            left=len(images),
+        )
+        if not images:
+            return self.detector.to_table([])
+        self._archive_batches += 1
+        try:
+            self._archive.extend((batch, i) for i in range(len(images)))
+            self._note_depths()
+            self._ensure_archive_loop()
+            wake = self._wake_cond()
+            async with wake:
+                wake.notify_all()
+            await batch.done
+        finally:
+            self._archive_batches -= 1
+            self._note_depths()
+        return self.detector.to_table(batch.results)
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve's custom autoscaling metrics (see :mod:`raydetect.serve_autoscale`)."""
+        return {
+            serve_autoscale.ONLINE: float(self._online_waiting + self._online_running),
+            serve_autoscale.ARCHIVE: float(len(self._archive) + self._archive_running),
+        }
+
+    def _wake_cond(self) -> asyncio.Condition:
+        if self._wake is None:  # made on the replica's event loop, at first use
+            self._wake = asyncio.Condition()
+        return self._wake
+
+    def _ensure_archive_loop(self) -> None:
+        if self._archive_task is None or self._archive_task.done():
+            self._archive_task = asyncio.get_running_loop().create_task(self._archive_loop())
+
+    def _take_archive(self, n: int) -> list[tuple[_ArchiveBatch, int]]:
+        out = []
+        while self._archive and len(out) < n:
+            out.append(self._archive.popleft())
+        return out
+
+    async def _archive_loop(self) -> None:
+        """Runs archive images whenever the engine is free and no online request waits."""
+        idle, wake = self._engine_idle(), self._wake_cond()
+        while True:
+            async with wake:
+                await wake.wait_for(lambda: self._archive and idle.is_set() and self._online_waiting == 0)
+                idle.clear()  # the engine is this call's now; online requests wait for it
+            try:
+                taken = self._take_archive(self.cfg.max_batch_size)
+                await self._run_engine([], taken)
+            finally:
+                idle.set()
+                async with wake:
+                    wake.notify_all()
+
+    async def _run_engine(self, jobs: list[_Job], taken: list[tuple[_ArchiveBatch, int]]):
+        """One engine call over online ``jobs`` then archive images ``taken``; archive
+        results go to their batches, the online ones are returned (with the timings)."""
+        started = time.perf_counter()
+        images: list[Any] = [j.image for j in jobs] + [b.images[i] for b, i in taken]
+        uris = [j.uri for j in jobs] + [b.uris[i] for b, i in taken]
+        conf = [j.conf for j in jobs] + [b.conf for b, _ in taken]
+        iou = [j.iou for j in jobs] + [b.iou for b, _ in taken]
+        max_det = [j.max_det for j in jobs] + [b.max_det for b, _ in taken]
+        self._online_running, self._archive_running = len(jobs), len(taken)
+        self._note_depths()
+        try:
+            results, t = await asyncio.to_thread(self._detect_now, images, uris, conf, iou, max_det)
+        except BaseException as e:  # the engine call itself failed: fail the archive batches
+            for b in {id(b): b for b, _ in taken}.values():
+                if not b.done.done():
+                    b.done.set_exception(e if isinstance(e, Exception) else RuntimeError(str(e)))
+            raise
+        finally:
+            self._online_running = self._archive_running = 0
+            self._note_depths()
+        self.metrics.record_engine(
+            online=len(jobs),
+            archive=len(taken),
+            online_wait_ms=[(started - j.enqueued) * 1e3 for j in jobs],
+            archive_wait_ms=[(started - b.enqueued) * 1e3 for b, _ in taken],
+        )
+        for (b, i), r in zip(taken, results[len(jobs):], strict=True):
+            b.finish(i, r)
+        return results[: len(jobs)], t, started
+
+    def _note_depths(self) -> None:
+        self.metrics.set_depths(self._online_waiting, len(self._archive), self._archive_batches)
 
     # --- request handling ---------------------------------------------------------------
     async def _with_timeout(self, work) -> JSONResponse:
@@ -281,8 +440,13 @@ class DetectorServer:
         # parks it until the engine is free, so requests arriving during a long engine call
         # would be spread over many small batches. Holding them here while the engine is busy
         # lets them join one batch when it frees up.
-        await self._engine_idle().wait()
-        result, timings = await self._detect_batched(job)
+        self._online_waiting += 1
+        try:
+            await self._engine_idle().wait()
+            result, timings = await self._detect_batched(job)
+        finally:
+            if not job.taken:  # cancelled (timeout) before a batch took it
+                self._online_waiting -= 1
         if result.error is not None:
             if result.error.startswith("inference failed"):
                 raise RuntimeError(result.error)  # the server's fault: 500
@@ -297,30 +461,32 @@ class DetectorServer:
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)  # reset from the config in __init__
     async def _detect_batched(self, jobs: list[_Job]) -> list[tuple[ImageResult, dict[str, float]]]:
-        started = time.perf_counter()
         self.metrics.record_batch(len(jobs))
+        for j in jobs:
+            j.taken = True
+        self._online_waiting -= len(jobs)
         idle = self._engine_idle()
         idle.clear()
+        # archive images fill the rest of the engine batch (never delaying it: they are queued)
+        taken = self._take_archive(self.cfg.max_batch_size - len(jobs))
         try:
-            results, t = await asyncio.to_thread(self._detect_now, jobs)
+            results, t, started = await self._run_engine(jobs, taken)
         finally:
             idle.set()
+            if self._wake is not None:
+                async with self._wake:
+                    self._wake.notify_all()
         shared = {
             "preprocess_ms": t.decode * 1e3,
             "inference_ms": t.infer * 1e3,
             "postprocess_ms": t.postprocess * 1e3,
             "batch_size": len(jobs),
+            "archive_images": len(taken),
         }
         return [(r, {"queue_ms": (started - j.enqueued) * 1e3, **shared}) for r, j in zip(results, jobs, strict=True)]
 
-    def _detect_now(self, jobs: list[_Job]):
-        results = self.detector.detect(
-            [j.image for j in jobs],
-            [j.uri for j in jobs],
-            conf=[j.conf for j in jobs],
-            iou=[j.iou for j in jobs],
-            max_det=[j.max_det for j in jobs],
-        )
+    def _detect_now(self, images, uris, conf, iou, max_det):
+        results = self.detector.detect(images, uris, conf=conf, iou=iou, max_det=max_det)
         return results, self.detector.timings
 
 
@@ -336,10 +502,16 @@ def deployment_options(cfg: ServeConfig) -> dict[str, Any]:
     if cfg.min_replicas == cfg.max_replicas:
         opts["num_replicas"] = cfg.max_replicas
     else:
+        archive_cap = cfg.max_replicas if cfg.archive_max_replicas is None else cfg.archive_max_replicas
         opts["autoscaling_config"] = {
             "min_replicas": cfg.min_replicas,
             "max_replicas": cfg.max_replicas,
             "target_ongoing_requests": cfg.target_ongoing_requests,
+            # online and archive load as the replicas report them (record_autoscaling_stats)
+            "policy": {
+                "policy_function": "raydetect.serve_autoscale:SharedPoolPolicy",
+                "policy_kwargs": {"target": cfg.target_ongoing_requests, "archive_max_replicas": archive_cap},
+            },
         }
     return opts
 

@@ -28,6 +28,8 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
             "max_batch_size": args.max_batch_size,
             "batch_wait_timeout_s": args.batch_wait_ms / 1e3,
             "max_files": args.max_files,
+            "archive_max_batches": args.archive_max_batches,
+            "archive_max_replicas": args.archive_max_replicas,
             "timeout_s": args.timeout_s,
             "api_key_env": args.api_key_env,
             "host": args.host,
@@ -94,6 +96,10 @@ def add_cli(sub) -> None:
     g.add_argument("--max-bytes", type=int, default=None,
                    help="larger request bodies / files get 413 (default 64 MiB)")
     g.add_argument("--max-files", type=int, default=32, help="files per /v1/detect/batch request")
+    g.add_argument("--archive-max-batches", type=int, default=4,
+                   help="archive batches (raydetect detect --via-serve) a replica holds at once (default 4)")
+    g.add_argument("--archive-max-replicas", type=int, default=None,
+                   help="most replicas archive work alone keeps alive when autoscaling (default: max)")
     g.add_argument("--timeout-s", type=float, default=30.0, help="per-request timeout, then 504")
     g.add_argument("--api-key-env", default=None, metavar="VAR",
                    help="require the API key held in this environment variable "

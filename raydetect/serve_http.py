@@ -307,7 +307,8 @@ class TimingsOut(BaseModel):
     preprocess_ms: float = Field(description="Letterbox of the whole batch")
     inference_ms: float = Field(description="Engine call shared by the whole batch")
     postprocess_ms: float = Field(description="Box decoding + NMS of the whole batch")
-    batch_size: int = Field(description="Images in the engine call this request joined")
+    batch_size: int = Field(description="Online images in the engine call this request joined")
+    archive_images: int = Field(0, description="Archive images (jobs run --via-serve) that filled the rest of that engine call")
     total_ms: float = Field(description="In the replica, from request to response")
 
 

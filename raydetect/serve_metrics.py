@@ -6,7 +6,12 @@ or ``ray start --metrics-export-port``) with a ``ray_`` prefix, counters with ``
 * ``ray_raydetect_requests_total{app, route, code}`` — every HTTP response;
 * ``ray_raydetect_errors_total{app, route, code}`` — responses with status >= 400;
 * ``ray_raydetect_request_latency_ms{app, route}`` — histogram, in the replica;
-* ``ray_raydetect_batch_size{app}`` — histogram, images per engine call.
+* ``ray_raydetect_batch_size{app}`` — histogram, images per engine call;
+* ``ray_raydetect_queue_depth{app, queue}`` — gauge, images waiting per queue (``online``,
+  ``archive``; ``archive_batches``: archive batches held, at most ``archive_max_batches``);
+* ``ray_raydetect_queue_wait_ms{app, queue}`` — histogram, from arrival to the engine call;
+* ``ray_raydetect_queue_images_total{app, queue}`` — images run per queue (``rate()``: images/s);
+* ``ray_raydetect_archive_busy_total{app}`` — archive batches refused as busy (backpressure).
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ class ServeMetrics:
     inside a Ray worker or driver)."""
 
     def __init__(self, app: str) -> None:
-        from ray.util.metrics import Counter, Histogram
+        from ray.util.metrics import Counter, Gauge, Histogram
 
         self.app = app
         self.requests = Counter(
@@ -45,6 +50,52 @@ class ServeMetrics:
             boundaries=BATCH_SIZE_BOUNDARIES,
             tag_keys=("app",),
         )
+
+        self.depth = Gauge(
+            "raydetect_queue_depth",
+            description="Images waiting in front of the engine per queue (online, archive) and "
+            "archive batches held (archive_batches)",
+            tag_keys=("app", "queue"),
+        )
+        self.wait = Histogram(
+            "raydetect_queue_wait_ms",
+            description="Milliseconds from arrival to the engine call, per queue",
+            boundaries=LATENCY_BOUNDARIES_MS,
+            tag_keys=("app", "queue"),
+        )
+        self.images = Counter(
+            "raydetect_queue_images",
+            description="Images run by the engine per queue (online, archive)",
+            tag_keys=("app", "queue"),
+        )
+        self.busy = Counter(
+            "raydetect_archive_busy",
+            description="Archive batches answered busy (the replica held archive_max_batches)",
+            tag_keys=("app",),
+        )
+        self._depths: tuple[int, int, int] | None = None
+
+    def set_depths(self, online: int, archive: int, archive_batches: int) -> None:
+        depths = (online, archive, archive_batches)
+        if depths == self._depths:
+            return
+        self._depths = depths
+        for queue, value in zip(("online", "archive", "archive_batches"), depths, strict=True):
+            self.depth.set(value, tags={"app": self.app, "queue": queue})
+
+    def record_engine(self, *, online: int, archive: int, online_wait_ms: list[float],
+                      archive_wait_ms: list[float]) -> None:
+        """One engine call over ``online`` + ``archive`` images."""
+        for queue, n, waits in (("online", online, online_wait_ms), ("archive", archive, archive_wait_ms)):
+            if not n:
+                continue
+            tags = {"app": self.app, "queue": queue}
+            self.images.inc(n, tags=tags)
+            for w in waits:
+                self.wait.observe(w, tags=tags)
+
+    def record_archive_busy(self) -> None:
+        self.busy.inc(tags={"app": self.app})
 
     def record_request(self, route: str, code: int, latency_ms: float) -> None:
         tags = {"app": self.app, "route": route, "code": str(code)}

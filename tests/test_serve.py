@@ -415,7 +415,10 @@ def test_builder_args_and_deployment_options():
     assert (cfg.min_replicas, cfg.max_replicas, cfg.num_gpus) == (1, 4, 0.5)
     assert (cfg.detector.conf, cfg.batch_wait_timeout_s, cfg.max_batch_size) == (0.4, 0.002, 32)
     opts = deployment_options(cfg)
-    assert opts["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 16.0}
+    auto = opts["autoscaling_config"]
+    assert {k: auto[k] for k in ("min_replicas", "max_replicas", "target_ongoing_requests")} == {
+        "min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 16.0}
+    assert auto["policy"]["policy_kwargs"] == {"target": 16.0, "archive_max_replicas": 4}
     assert opts["ray_actor_options"] == {"num_cpus": 1.0, "num_gpus": 0.5}
     assert "num_replicas" not in opts
     fixed = deployment_options(serve_config_from_args({"detector": {"model": MODEL}, "replicas": 2}))
