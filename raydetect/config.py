@@ -245,6 +245,12 @@ class ServeConfig(_Strict):
         description="Archive batches (from jobs run --via-serve) one replica holds at once, queued or "
         "running; more are answered 'busy' and the job retries them (backpressure)",
     )
+    archive_fill: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="Archive images fill the rest of each online engine batch: 'auto' = where the "
+        "engine runs on a GPU (a batch costs about one image there); on a CPU every image adds its "
+        "own time, so filling would slow the online request by up to one batch",
+    )
     archive_max_replicas: int | None = Field(
         None, ge=0, le=1000,
         description="Most replicas archive work alone may keep alive when autoscaling (online load "

@@ -162,6 +162,8 @@ class DetectorServer:
         self._archive_running = 0  # archive images in the engine call now
         self._wake: asyncio.Condition | None = None
         self._archive_task: asyncio.Task | None = None
+        on_gpu = str(self.detector.info().get("device") or "").startswith("cuda")
+        self._fill = cfg.archive_fill == "on" or (cfg.archive_fill == "auto" and on_gpu)
         self._detect_batched.set_max_batch_size(cfg.max_batch_size)
         self._detect_batched.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
         self.metrics = serve_metrics.install(ServeMetrics(serve.get_replica_context().app_name))
@@ -468,7 +470,7 @@ class DetectorServer:
         idle = self._engine_idle()
         idle.clear()
         # archive images fill the rest of the engine batch (never delaying it: they are queued)
-        taken = self._take_archive(self.cfg.max_batch_size - len(jobs))
+        taken = self._take_archive(self.cfg.max_batch_size - len(jobs)) if self._fill else []
         try:
             results, t, started = await self._run_engine(jobs, taken)
         finally:

@@ -30,6 +30,7 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
             "max_files": args.max_files,
             "archive_max_batches": args.archive_max_batches,
             "archive_max_replicas": args.archive_max_replicas,
+            "archive_fill": args.archive_fill,
             "timeout_s": args.timeout_s,
             "api_key_env": args.api_key_env,
             "host": args.host,
@@ -98,6 +99,8 @@ def add_cli(sub) -> None:
     g.add_argument("--max-files", type=int, default=32, help="files per /v1/detect/batch request")
     g.add_argument("--archive-max-batches", type=int, default=4,
                    help="archive batches (raydetect detect --via-serve) a replica holds at once (default 4)")
+    g.add_argument("--archive-fill", choices=("auto", "on", "off"), default="auto",
+                   help="archive images fill the rest of online engine batches (auto: on GPU engines)")
     g.add_argument("--archive-max-replicas", type=int, default=None,
                    help="most replicas archive work alone keeps alive when autoscaling (default: max)")
     g.add_argument("--timeout-s", type=float, default=30.0, help="per-request timeout, then 504")

@@ -214,7 +214,9 @@ def test_grafana_dashboard_charts_raydetect_metrics():
 
     dash = json.loads((REPO / "deploy" / "grafana-dashboard.json").read_text())
     assert dash["title"] and dash["uid"] and dash["panels"]
-    defined = set(re.findall(r'"(raydetect_[a-z_]+)"', (REPO / "raydetect" / "metrics.py").read_text()))
+    defined = set()
+    for module in ("metrics.py", "serve_metrics.py"):  # the job's and the Serve replicas' metrics
+        defined |= set(re.findall(r'"(raydetect_[a-z_]+)"', (REPO / "raydetect" / module).read_text()))
     assert {"raydetect_job_images", "raydetect_job_batch_latency_s", "raydetect_job_gpu_memory_bytes"} <= defined
     used = set()
     for panel in dash["panels"]:
@@ -222,4 +224,5 @@ def test_grafana_dashboard_charts_raydetect_metrics():
         for t in panel["targets"]:
             used |= set(re.findall(r"ray_(raydetect_[a-z_]+?)(?:_total|_bucket|_sum|_count)?\b", t["expr"]))
     assert used <= defined and {"raydetect_job_images", "raydetect_job_errors", "raydetect_job_batch_latency_s"} <= used
+    assert {"raydetect_queue_depth", "raydetect_queue_wait_ms", "raydetect_queue_images"} <= used
     assert m.LATENCY_BOUNDARIES == sorted(m.LATENCY_BOUNDARIES)

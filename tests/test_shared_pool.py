@@ -134,17 +134,19 @@ def test_online_requests_go_first_with_an_archive_backlog(pool):
     stop = threading.Event()
     sent = {"batches": 0, "busy": 0}
 
-    def backlog():  # keep archive_max_batches batches queued on the replica
-        while not stop.is_set():
-            resps = [handle.remote(images, uris) for _ in range(4)]
-            for r in resps:
-                out = r.result()
-                if isinstance(out, str):
-                    sent["busy"] += 1
-                else:
-                    sent["batches"] += 1
+    def backlog():  # keep archive_max_batches (4) batches held by the replica, one more waiting
+        inflight = [handle.remote(images, uris) for _ in range(5)]
+        while not stop.is_set() or inflight:
+            out = inflight.pop(0).result()
+            if isinstance(out, str):  # busy: back off as the job's callers do
+                sent["busy"] += 1
+                time.sleep(0.05)
+            else:
+                sent["batches"] += 1
+            if not stop.is_set():
+                inflight.append(handle.remote(images, uris))
 
-    threads = [threading.Thread(target=backlog) for _ in range(2)]
+    threads = [threading.Thread(target=backlog)]
     for t in threads:
         t.start()
     try:
@@ -155,10 +157,11 @@ def test_online_requests_go_first_with_an_archive_backlog(pool):
         for t in threads:
             t.join()
     assert sent["batches"] >= 4 and sent["busy"] > 0  # the replica really held a backlog
-    assert sum(t["archive_images"] for t in timings) > 0 or sent["batches"] > 8
+    assert all(t["archive_images"] == 0 for t in timings)  # CPU engine: archive_fill auto is off
     # Without priority an online request would wait behind the whole backlog (4 batches held,
-    # i.e. >= 4 engine batches); with it, behind at most the one engine call running.
-    limit = statistics.median(idle) + engine_batch_ms * 1.25 + 50
+    # i.e. >= 4 engine batches); with it, behind at most the one engine call running (half of
+    # one on average).
+    limit = statistics.median(idle) + engine_batch_ms + 50
     assert statistics.median(busy) <= limit, (statistics.median(idle), engine_batch_ms, busy)
 
 
