@@ -62,6 +62,16 @@ api = FastAPI(
 )
 
 
+def _actor_name() -> str | None:
+    """This replica's Ray actor name (namespace ``serve``)."""
+    import ray
+
+    try:
+        return ray.get_runtime_context().get_actor_name()
+    except Exception:
+        return None
+
+
 class _MetricsMiddleware:
     """Counts every response by route and status and observes its latency in the replica.
     A plain ASGI middleware: Starlette's ``BaseHTTPMiddleware`` (``@app.middleware``) adds a
@@ -249,6 +259,7 @@ class DetectorServer:
             "max_pixels": det.max_pixels,
             "max_bytes": det.max_bytes,
             "device": info["device"],
+            "replica": _actor_name(),
         }
 
     async def detect_archive(self, images: list[bytes], uris: list[str], conf: float | None = None,

@@ -133,6 +133,7 @@ def test_online_requests_go_first_with_an_archive_backlog(pool):
 
     stop = threading.Event()
     sent = {"batches": 0, "busy": 0}
+    done_at: list[float] = []  # archive batches finishing, one engine batch apart
 
     def backlog():  # keep archive_max_batches (4) batches held by the replica, one more waiting
         inflight = [handle.remote(images, uris) for _ in range(5)]
@@ -143,6 +144,7 @@ def test_online_requests_go_first_with_an_archive_backlog(pool):
                 time.sleep(0.05)
             else:
                 sent["batches"] += 1
+                done_at.append(time.perf_counter())
             if not stop.is_set():
                 inflight.append(handle.remote(images, uris))
 
@@ -151,25 +153,29 @@ def test_online_requests_go_first_with_an_archive_backlog(pool):
         t.start()
     try:
         time.sleep(2 * engine_batch_ms / 1e3 + 0.5)
+        t_on = time.perf_counter()
         busy, timings = _online_latencies(pool, body, 8)
+        t_off = time.perf_counter()
     finally:
         stop.set()
         for t in threads:
             t.join()
     assert sent["batches"] >= 4 and sent["busy"] > 0  # the replica really held a backlog
     assert all(t["archive_images"] == 0 for t in timings)  # CPU engine: archive_fill auto is off
+    # One engine batch under this load: the time between two archive batches finishing while
+    # the online requests ran (on 2 shared cores it is longer than on the idle replica).
+    during = [b - a for a, b in zip(done_at, done_at[1:], strict=False) if t_on <= a and b <= t_off]
+    batch_ms = statistics.median(during) * 1e3 if during else engine_batch_ms
     # Without priority an online request would wait behind the whole backlog (4 batches held,
-    # i.e. >= 4 engine batches); with it, behind at most the one engine call running (half of
-    # one on average).
-    limit = statistics.median(idle) + engine_batch_ms + 50
-    assert statistics.median(busy) <= limit, (statistics.median(idle), engine_batch_ms, busy)
+    # i.e. >= 4 engine batches); with it, behind at most the one engine call running. (A
+    # closed-loop client sends its next request just as the archive takes the engine back, so
+    # it does wait about one batch.)
+    limit = statistics.median(idle) + batch_ms + 100
+    assert statistics.median(busy) <= limit, (statistics.median(idle), engine_batch_ms, batch_ms, busy)
 
 
-def _replica_actors(app: str):
-    from ray.util.state import list_actors
-
-    return [a for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
-            if a.class_name == f"ServeReplica:{app}:Detector"]
+def _replica_name(app: str) -> str:
+    return app_handle(app).options(method_name="archive_info").remote().result(timeout_s=120)["replica"]
 
 
 def test_replica_killed_mid_job_leaves_one_row_per_input(pool, tmp_path):
@@ -181,8 +187,8 @@ def test_replica_killed_mid_job_leaves_one_row_per_input(pool, tmp_path):
     app = "poolkill"
     serve.run(app_builder(serve_args()), name=app, route_prefix="/kill")
     try:
-        before = _replica_actors(app)
-        assert len(before) == 1
+        before = _replica_name(app)
+        assert before
         inputs = tmp_path / "in"  # 60 inputs, 15 shards
         inputs.mkdir()
         sources = sorted((DEFECTS / "images" / "test").iterdir())[:20]
@@ -197,7 +203,7 @@ def test_replica_killed_mid_job_leaves_one_row_per_input(pool, tmp_path):
             deadline = time.monotonic() + 120
             while time.monotonic() < deadline and not list(out.glob("part-*.parquet")):
                 time.sleep(0.05)
-            ray.kill(ray.get_actor(before[0].name, namespace="serve"), no_restart=True)
+            ray.kill(ray.get_actor(before, namespace="serve"), no_restart=True)
             killed.set()
 
         k = threading.Thread(target=killer)
@@ -215,7 +221,6 @@ def test_replica_killed_mid_job_leaves_one_row_per_input(pool, tmp_path):
         expected = sorted(str(p) for p in inputs.iterdir())
         assert sorted(uris) == expected  # exactly one row per input: none lost, none repeated
         assert len(list(out.glob("part-*.parquet"))) == 15 and summary.images == 60
-        after = _replica_actors(app)
-        assert after and {a.actor_id for a in after}.isdisjoint({a.actor_id for a in before})
+        assert _replica_name(app) != before  # Serve replaced the killed replica
     finally:
         serve.delete(app)
