@@ -96,10 +96,12 @@ def field_argument(group, model, name: str, flag: str | None = None, dest: str |
         ann = inner[0] if len(inner) == 1 else None
     kind = ann
     kwargs: dict[str, Any] = {"dest": dest or name}
+    # a command may override the field's default (eval: conf 0.001); the help shows the real one
+    default = overrides.pop("default", f.default)
     if f.is_required():
         kwargs["required"] = True
     else:
-        kwargs["default"] = f.default
+        kwargs["default"] = default
     if kind is bool:
         kwargs["action"] = argparse.BooleanOptionalAction
     elif typing.get_origin(kind) is typing.Literal:
@@ -110,20 +112,24 @@ def field_argument(group, model, name: str, flag: str | None = None, dest: str |
             kwargs["type"] = kind
     text = overrides.pop("help", None) or f.description or name.replace("_", " ")
     if not f.is_required():
-        text += f" (default {'none' if f.default is None else f.default})"
+        text += f" (default {'none' if default is None else default})"
     kwargs["help"] = text
     kwargs.update(overrides)
     group.add_argument(flag or "--" + name.replace("_", "-"), **kwargs)
 
 
 def add_detector_args(
-    p: argparse.ArgumentParser, *, model_required: bool = True, fields: tuple[str, ...] | None = None
+    p: argparse.ArgumentParser, *, model_required: bool = True, fields: tuple[str, ...] | None = None,
+    defaults: dict[str, Any] | None = None,
 ) -> None:
     """The detector options (``fields``: a subset of :data:`DETECTOR_FLAGS`, default all) and
-    the TensorRT options, generated from :class:`DetectorConfig` / :class:`TensorRTConfig`."""
+    the TensorRT options, generated from :class:`DetectorConfig` / :class:`TensorRTConfig`.
+    ``defaults`` overrides field defaults for this command (shown in ``--help`` as well)."""
     g = p.add_argument_group("model and engine")
     for name in fields or DETECTOR_FLAGS:
         extra = dict(DETECTOR_FLAGS[name])
+        if defaults and name in defaults:
+            extra["default"] = defaults[name]
         if name == "model" and not model_required:
             extra["required"] = False
             extra["default"] = None

@@ -639,9 +639,10 @@ def add_cli(sub) -> None:
                    help="evaluate N images drawn at random with --seed (default: all)")
     p.add_argument("--seed", type=int, default=0, help="seed of the --limit sample (default 0)")
     p.add_argument("--report", default=None, help="write the JSON report here (per-class AP included)")
-    add_detector_args(p)
+    # Ultralytics' val settings, as defaults that --help shows
+    add_detector_args(p, defaults={"conf": VAL_CONF, "iou": VAL_IOU, "max_det": VAL_MAX_DET})
     add_storage_args(p)
-    p.set_defaults(conf=VAL_CONF, iou=VAL_IOU, max_det=VAL_MAX_DET, func=_cli)
+    p.set_defaults(func=_cli)
 
 
 def _cli(args) -> int:

@@ -279,3 +279,21 @@ def test_evaluate_from_s3_matches_local(small_set, s3_storage, s3fs_client, tmp_
     assert r.per_class and all(e.startswith("s3://") for e in [r.data])
     same = evaluate_model(MODEL, str(local), engine="onnxruntime", batch_size=8)
     assert (r.map50, r.map50_95) == (same.map50, same.map50_95)
+
+
+def test_cli_eval_help_shows_val_defaults_and_parses_them():
+    """eval's --help names the defaults it really uses (Ultralytics val: conf 0.001, IoU 0.7,
+    max_det 300), and detect keeps the field defaults."""
+    from raydetect.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command").choices
+    text = " ".join(sub["eval"].format_help().split())
+    assert "Minimum confidence (default 0.001)" in text
+    assert "NMS IoU threshold (default 0.7)" in text
+    assert "max detections per image (default 300)" in text
+    args = parser.parse_args(["eval", "--model", "m.onnx", "--data", "d"])
+    assert (args.conf, args.iou, args.max_det) == (0.001, 0.7, 300)
+    detect_text = " ".join(sub["detect"].format_help().split())
+    assert "Minimum confidence (default 0.25)" in detect_text
+    assert parser.parse_args(["detect", "--model", "m", "--input", "i", "--output", "o"]).conf == 0.25
