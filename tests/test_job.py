@@ -163,3 +163,49 @@ def test_reference_self_check():
     pred[4 + 5, 1] = 0.8
     dets = reference_detections(pred, 0.25, 0.7, 300, 640, 640)
     assert dets == [(288.0, 288.0, 352.0, 352.0, pytest.approx(0.9), 5)]
+
+
+def test_read_results_of_a_job_with_images_and_a_video(ray_local, tmp_path):
+    """A small real job (two photos and the traffic clip, pretrained COCO model) read back with
+    raydetect.read_results; pyarrow.dataset.dataset(OUTPUT) as the README has it reads the image
+    rows alone, whatever else the job wrote (video folders, manifest, report)."""
+    import pyarrow.dataset as pads
+
+    import raydetect
+    from raydetect.config import VideoConfig
+    from tests.conftest import DATA, IMAGES
+
+    inp = tmp_path / "in"
+    inp.mkdir()
+    for name in ("bus.jpg", "cat22.jpg"):
+        shutil.copy(IMAGES / name, inp / name)
+    shutil.copy(DATA / "video" / "traffic-highway-2s.mp4", inp / "traffic.mp4")
+    out = tmp_path / "out"
+    cfg = JobConfig(input=str(inp), output=str(out), progress=False, num_cpus=1,
+                    detector=DetectorConfig(model=str(MODELS / "yolov5n-coco.onnx"), batch_size=4),
+                    video=VideoConfig(fps=2))
+    summary = run_job(cfg)
+    assert summary.images == 2 and summary.video.videos == 1
+
+    res = raydetect.read_results(str(out))
+    assert "2 images" in repr(res) and "1 videos" in repr(res)
+    assert res.images.schema.equals(RESULT_SCHEMA, check_metadata=False)
+    assert res.images.column("uri").to_pylist() == [str(inp / "bus.jpg"), str(inp / "cat22.jpg")]
+    names = {r["uri"].rsplit("/", 1)[-1]: {d["class_name"] for d in r["detections"]} for r in res.images.to_pylist()}
+    assert {"bus", "car"} <= names["bus.jpg"] and "cat" in names["cat22.jpg"]
+    # the clip at 2 frames/s: 4 or 5 sampled frames (its first PTS is hidden by the edit list)
+    frames = res.frames.to_pylist()
+    assert 4 <= len(frames) <= 5 and all(f["uri"] == str(inp / "traffic.mp4") for f in frames)
+    assert [f["frame"] for f in frames] == sorted(f["frame"] for f in frames)
+    assert all({"car"} <= {d["class_name"] for d in f["detections"]} for f in frames)
+    summ = res.video_summary.to_pylist()
+    assert len(summ) == 1 and summ[0]["frames_decoded"] == 49 and summ[0]["frames_processed"] == len(frames)
+    df = res.images.to_pandas()  # pandas, as the README says
+    assert list(df["uri"]) == [str(inp / "bus.jpg"), str(inp / "cat22.jpg")]
+
+    # the README's reader: the image rows alone
+    plain = pads.dataset(str(out)).to_table()
+    assert plain.sort_by("uri").equals(res.images)
+    # a folder that is not a job output is a clear error
+    with pytest.raises(FileNotFoundError, match="no job output"):
+        raydetect.read_results(str(tmp_path / "missing"))

@@ -15,6 +15,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 
+from raydetect import read_results
 from raydetect.config import ConfigError, DetectorConfig, JobConfig, VideoConfig, validate
 from raydetect.types import RESULT_SCHEMA, VIDEO_RESULT_SCHEMA, VIDEO_SUMMARY_SCHEMA, table_to_frame_results
 from raydetect.video.decode import DecodeStats, iter_segment_frames, select_frames
@@ -302,8 +303,8 @@ def test_unreadable_video_is_one_error_row(tmp_path, detector):
 
 
 def read_video_output(out, fs=None):
-    frames = pads.dataset(f"{out}/videos", format="parquet", filesystem=fs).to_table()
-    summary = pq.read_table(f"{out}/video_summary/summary.parquet", filesystem=fs)
+    frames = pads.dataset(f"{out}/_videos", format="parquet", filesystem=fs).to_table()
+    summary = pq.read_table(f"{out}/_video_summary/summary.parquet", filesystem=fs)
     return frames, summary
 
 
@@ -325,12 +326,19 @@ def test_mixed_folder_job_with_segments_spread_over_actors(ray_local, tmp_path):
     )
     summary = run_job(cfg)
 
-    # images: the usual schema at the top of the output
-    images = pads.dataset(str(out), format="parquet", ignore_prefixes=[".", "_", "video"]).to_table()
+    # images: the usual schema at the top of the output; pyarrow.dataset.dataset(OUTPUT) as the
+    # README has it reads them alone (the video folders start with "_")
+    images = pads.dataset(str(out)).to_table()
     assert images.schema.equals(RESULT_SCHEMA, check_metadata=False)
     assert images.column("uri").to_pylist() == [str(inp / photo.name)] and summary.images == 1
 
     frames, vsum = read_video_output(out)
+    # raydetect.read_results: the same three tables
+    res = read_results(str(out))
+    assert res.images.equals(images)
+    assert res.frames.num_rows == frames.num_rows and res.frames.schema.equals(frames.schema)
+    assert res.frames.equals(frames.sort_by([("uri", "ascending"), ("segment", "ascending"), ("pts", "ascending")]))
+    assert res.video_summary.equals(vsum.sort_by("uri"))
     assert frames.schema.equals(VIDEO_RESULT_SCHEMA, check_metadata=False)
     assert vsum.schema.equals(VIDEO_SUMMARY_SCHEMA, check_metadata=False)
     rows = table_to_frame_results(frames)
@@ -361,7 +369,7 @@ def test_mixed_folder_job_with_segments_spread_over_actors(ray_local, tmp_path):
     # one file per (video, segment); the four segments of long.mp4 were four separate rows
     # (units of work any actor can take; which actor takes which depends on start-up timing,
     # so the spread over actors is not asserted on a loaded 2-core machine)
-    files = sorted(p.name for p in (out / "videos").iterdir())
+    files = sorted(p.name for p in (out / "_videos").iterdir())
     assert len(files) == 4 + 1 + 2 and not any(f.startswith(".") for f in files)
     long_segments = [r for r in summary.video.segment_rows if r["uri"].endswith("long.mp4")]
     assert sorted(r["segment"] for r in long_segments) == [0, 1, 2, 3]
@@ -399,6 +407,8 @@ def test_videos_from_s3(ray_local, s3_storage, s3fs_client, tmp_path):
     assert all(r.detections and r.error is None for r in rows)
     assert vsum.column("frames_decoded").to_pylist() == [40] and summary.video.segments == 3
     assert summary.video.segments_resumed == 0
+    res = read_results(f"s3://{bucket}/out", s3_storage)  # read_results on S3: frames and summary
+    assert res.images.num_rows == 0 and res.frames.num_rows == 4 and res.video_summary.equals(vsum)
 
     # a re-run resumes: every segment file is there, nothing is decoded or written again
     again = run_job(cfg)

@@ -7,13 +7,14 @@
 * each actor holds one :class:`~raydetect.detector.Detector`, decodes its segment from the
   file object (fsspec, range reads) and detects in the same process;
 * each segment's frame rows are written by the actor to
-  ``OUTPUT/videos/<name>-<hash>-s<segment>.parquet`` — a deterministic name per (video, segment),
+  ``OUTPUT/_videos/<name>-<hash>-s<segment>.parquet`` — a deterministic name per (video, segment),
   so a retried segment replaces its file instead of adding rows (exactly once by construction);
 * the per-segment counters come back to the driver, which writes one row per video to
-  ``OUTPUT/video_summary/summary.parquet``.
+  ``OUTPUT/_video_summary/summary.parquet``.
 
-Image results stay at the top of ``OUTPUT`` with their own schema; read them without the video
-folders with ``pyarrow.dataset.dataset(OUTPUT, ignore_prefixes=[".", "_", "video"])``.
+Image results stay at the top of ``OUTPUT`` with their own schema; the video folders start with
+``_`` so that ``pyarrow.dataset.dataset(OUTPUT)`` (which skips ``_*`` and ``.*``) reads the image
+rows alone. :func:`raydetect.read_results` reads all three.
 """
 
 from __future__ import annotations
@@ -38,8 +39,10 @@ from raydetect.video.detect import SegmentTask, detect_segment, plan_video
 
 log = logging.getLogger(__name__)
 
-FRAMES_DIR = "videos"
-SUMMARY_DIR = "video_summary"
+#: under OUTPUT; ``_``-prefixed so that pyarrow.dataset skips them (raydetect/results.py reads
+#: these and the names before 2026-12, ``videos``/``video_summary``)
+FRAMES_DIR = "_videos"
+SUMMARY_DIR = "_video_summary"
 
 SEGMENT_STATS_SCHEMA = pa.schema(
     [
