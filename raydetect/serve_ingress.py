@@ -34,6 +34,13 @@ INGRESS_ENV: dict[str, dict[str, str]] = {
 #: whole does not need that wait.
 DRAIN_ENV = "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"
 
+#: Serve gives a starting proxy (HAProxy's manager actor too) this long to report ready, then
+#: kills it, and ``serve.start`` fails with ``ActorDiedError``. Ray's 5 s default was too short
+#: on a loaded 2-core machine with two instances starting (CI, 2026-12-05); 30 s is what we set
+#: unless the user set their own.
+READY_ENV = "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S"
+READY_TIMEOUT_S = 30.0
+
 
 def ingress_env(mode: str, *, drain_s: float | None = None) -> dict[str, str]:
     """The environment variables that select ``mode`` (and, with ``drain_s``, the drain
@@ -53,6 +60,8 @@ def use_ingress(mode: str, *, drain_s: float | None = None) -> dict[str, str]:
     env = ingress_env(mode, drain_s=drain_s)
     if DRAIN_ENV in os.environ:
         env.pop(DRAIN_ENV, None)
+    if READY_ENV not in os.environ:
+        env[READY_ENV] = f"{READY_TIMEOUT_S:g}"
     os.environ.update(env)
     return env
 

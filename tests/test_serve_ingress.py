@@ -5,7 +5,7 @@ import os
 import pytest
 
 from raydetect.config import ConfigError, ServeConfig, validate
-from raydetect.serve_ingress import DRAIN_ENV, ingress_env, ingress_from_env, use_ingress
+from raydetect.serve_ingress import DRAIN_ENV, READY_ENV, ingress_env, ingress_from_env, use_ingress
 
 
 def test_modes_and_their_environment():
@@ -27,6 +27,13 @@ def test_use_ingress_sets_the_environment_and_keeps_a_users_drain_period(monkeyp
     set_now = use_ingress("haproxy", drain_s=1.0)
     assert DRAIN_ENV not in set_now and os.environ[DRAIN_ENV] == "45"
     assert ingress_from_env() == "haproxy" and os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
+
+
+def test_use_ingress_gives_a_starting_proxy_time_and_keeps_a_users_setting(monkeypatch):
+    monkeypatch.delenv(READY_ENV, raising=False)
+    assert use_ingress("haproxy")[READY_ENV] == "30" and os.environ[READY_ENV] == "30"
+    monkeypatch.setenv(READY_ENV, "7")
+    assert READY_ENV not in use_ingress("haproxy") and os.environ[READY_ENV] == "7"
 
 
 def test_config_field_is_checked():
