@@ -36,17 +36,19 @@ def _sync(detector) -> None:
 def stages(detector, images: list[bytes]) -> dict[str, float]:
     """One call split into the GPU path's stages (ms), a sync after each."""
     t0 = time.perf_counter()
-    p = detector.gpu.prepare(images)
+    p = detector.prepare(images)
     _sync(detector)
     t1 = time.perf_counter()
-    preds = detector.engine.infer(p.tensor)
+    n = len(p.rows)
+    conf, iou, max_det = [0.25] * n, [0.45] * n, [300] * n
+    preds = detector.infer(p, conf, iou, max_det)
     _sync(detector)
     t2 = time.perf_counter()
-    ids = list(range(len(images)))
-    rows = detector._gpu_rows(preds, ids, [0.25] * len(ids), [0.45] * len(ids), [300] * len(ids))
+    rows = detector.rows(preds, conf, iou, max_det)
     t3 = time.perf_counter()
-    for geom, (boxes, scores, cls), (h, w) in zip(p.geoms, rows, p.sizes, strict=True):
-        detector._rows_to_detections(boxes, scores, cls, geom, h, w)
+    for geom, r, i in zip(p.geoms, rows, p.rows, strict=True):
+        h, w = p.sizes[i]
+        detector.to_detections(r, geom, h, w)
     t4 = time.perf_counter()
     return {"prepare": (t1 - t0) * 1e3, "infer": (t2 - t1) * 1e3, "nms_to_host": (t3 - t2) * 1e3,
             "to_detections": (t4 - t3) * 1e3}

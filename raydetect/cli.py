@@ -12,7 +12,7 @@ import types
 import typing
 from typing import Any
 
-from raydetect.config import ConfigError, DetectorConfig, StorageConfig, TensorRTConfig, validate
+from raydetect.config import ConfigError, DetectorConfig, StorageConfig, TensorRTConfig, TorchConfig, validate
 from raydetect.errors import RaydetectError
 
 #: subcommand → module providing ``add_cli(subparsers)``; imported lazily at start-up
@@ -60,6 +60,7 @@ DETECTOR_FLAGS: dict[str, dict[str, Any]] = {
     "max_pixels": {},
     "threads": {},
     "device": {},
+    "image_decoder": {},
 }
 
 #: TensorRTConfig fields shared by ``build`` and every command that runs an engine (detect,
@@ -70,6 +71,21 @@ TENSORRT_FLAGS: dict[str, str] = {
     "opt_batch": "--opt-batch",
     "nms": "--nms",
     "workspace_gb": "--workspace-gb",
+}
+
+
+def _batch_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated batch sizes, e.g. 1,8,64 (got {text!r})") from None
+
+
+#: TorchConfig fields (the compiled torch engine) → flag and argparse overrides.
+TORCH_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
+    "compile": ("--compile", {}),
+    "compile_batches": ("--compile-batches", {"type": _batch_list, "metavar": "B,B,..."}),
+    "cache": ("--torch-cache", {}),
 }
 
 
@@ -135,6 +151,18 @@ def add_detector_args(
             extra["default"] = None
         field_argument(g, DetectorConfig, name, **extra)
     add_tensorrt_args(p)
+    add_torch_args(p)
+
+
+def add_torch_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("torch engine (compiled: inductor + CUDA graphs)")
+    for name, (flag, extra) in TORCH_FLAGS.items():
+        field_argument(g, TorchConfig, name, flag, dest=f"torch_{name}", **extra)
+
+
+def torch_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The TorchConfig values given on the command line."""
+    return {name: getattr(args, f"torch_{name}") for name in TORCH_FLAGS if hasattr(args, f"torch_{name}")}
 
 
 def add_tensorrt_args(p: argparse.ArgumentParser) -> None:
@@ -178,6 +206,7 @@ def detector_config(args: argparse.Namespace, **overrides: Any) -> DetectorConfi
         **{name: getattr(args, name) for name in DETECTOR_FLAGS if hasattr(args, name)},
         "storage": storage_config(args),
         "tensorrt": tensorrt_options(args),
+        "torch": torch_options(args),
         **overrides,
     }
     return validate(DetectorConfig, data, "detector")

@@ -88,6 +88,35 @@ class TensorRTConfig(_Strict):
     lock_timeout_s: float = Field(3600.0, gt=0.0, description="Wait this long for another builder")
 
 
+class TorchConfig(_Strict):
+    """Options of the PyTorch engine (see :mod:`raydetect.engines.torch`)."""
+
+    compile: Literal["auto", "inductor", "off"] = Field(
+        "auto",
+        description="torch.compile the converted graph (inductor, frozen weights, one CUDA graph per batch "
+        "bucket); auto: on CUDA; off: eager CUDA graphs. A failed compile falls back to eager, with the reason",
+    )
+    compile_batches: tuple[int, ...] | None = Field(
+        None,
+        description="Batch buckets compiled and captured (a batch is padded to the next); None: 1, 8 and "
+        "batch_size",
+    )
+    cache: str | None = Field(
+        None,
+        description="Compiled-kernel cache: local dir or s3:// prefix; None = ~/.cache/raydetect/torch",
+    )
+    lock_timeout_s: float = Field(1800.0, gt=0.0, description="Wait this long for another process compiling")
+
+    @field_validator("compile_batches")
+    @classmethod
+    def _check_batches(cls, v: tuple[int, ...] | None) -> tuple[int, ...] | None:
+        if v is None:
+            return v
+        if not v or any(b < 1 or b > 4096 for b in v):
+            raise ValueError(f"must be batch sizes between 1 and 4096 (got {v})")
+        return tuple(sorted(set(v)))
+
+
 class DetectorConfig(_Strict):
     """Everything one :class:`raydetect.detector.Detector` needs."""
 
@@ -101,9 +130,15 @@ class DetectorConfig(_Strict):
     max_pixels: int = Field(40_000_000, ge=1, description="Larger images become error rows")
     max_bytes: int = Field(64 * 1024 * 1024, ge=1, description="Larger files become error rows")
     threads: int | None = Field(None, ge=1, le=512, description="CPU engine threads")
+    image_decoder: Literal["auto", "nvimgcodec", "nvjpeg", "cpu"] = Field(
+        "auto",
+        description="JPEG decoder of the GPU data path: nvimgcodec (hardware JPEG engines), nvjpeg "
+        "(torchvision), cpu; auto: nvimgcodec where installed, else nvjpeg",
+    )
     device: str | None = Field(None, description="'cpu', 'cuda' or 'cuda:N'; None picks")
     storage: StorageConfig = StorageConfig()
     tensorrt: TensorRTConfig = TensorRTConfig()
+    torch: TorchConfig = TorchConfig()
 
     @field_validator("device")
     @classmethod

@@ -1,7 +1,12 @@
 """The Detector: encoded images (or arrays) in batches → :class:`ImageResult` per image.
 
 It is the callable class Ray Data's ``map_batches`` runs in an actor pool, and the
-model behind the Serve deployment. One detector holds one model card and one engine.
+model behind the Serve deployment. One detector holds one model card, one engine and the
+stages chosen for it (:mod:`raydetect.stages`): the preprocessor by the engine's input kind
+(torch tensors: decode and letterbox on the GPU, for the torch engine and TensorRT alike), the
+postprocessor by the engine's output (raw head: NumPy or batched torch NMS; rows: the engine's
+own NMS). ``detect`` is one loop over chunks of ``batch_size`` images that prepares chunk k+1
+while the GPU runs chunk k; its stage timings come back with the results (``speed``).
 """
 
 from __future__ import annotations
@@ -19,18 +24,11 @@ import pyarrow as pa
 from raydetect.config import DetectorConfig, validate
 from raydetect.engines import create_engine
 from raydetect.engines.base import NMSOutput
-from raydetect.model_card import ModelCard, batching_check_input
-from raydetect.postprocess import nms_output_rows, nms_outputs_close, postprocess
-from raydetect.preprocess import (
-    ImageError,
-    Letterbox,
-    as_bgr,
-    decode_image,
-    letterbox,
-    to_tensor,
-    unletterbox_boxes,
-)
-from raydetect.types import Detection, ImageResult, results_to_table
+from raydetect.model_card import ModelCard, batch_check_error, batching_check_input
+from raydetect.postprocess import nms_outputs_close
+from raydetect.preprocess import Letterbox, unletterbox_boxes
+from raydetect.stages import CpuPreprocessor, PreparedBatch, Rows, choose_stages, make_postprocessor
+from raydetect.types import DetectionArray, ImageResult, results_to_table
 
 log = logging.getLogger(__name__)
 
@@ -39,13 +37,15 @@ ImageInput = bytes | bytearray | memoryview | np.ndarray
 
 @dataclass
 class Timings:
-    """Seconds spent in each stage by the last :meth:`Detector.detect` call."""
+    """Seconds spent in each stage by one :meth:`Detector.detect_timed` call."""
 
     decode: float = 0.0
     infer: float = 0.0
     postprocess: float = 0.0
     images: int = 0
     batches: int = 0
+    decoders: dict[str, int] | None = None  # images per decoder ("nvimgcodec", "nvjpeg", "cpu", ...)
+    h2d_bytes: int = 0
 
     def as_dict(self) -> dict[str, float]:
         return {
@@ -55,6 +55,12 @@ class Timings:
             "images": self.images,
             "batches": self.batches,
         }
+
+    def speed(self) -> dict[str, float]:
+        """Milliseconds per image by stage (Ultralytics' ``Results.speed``)."""
+        n = max(self.images, 1)
+        return {"preprocess": self.decode * 1e3 / n, "inference": self.infer * 1e3 / n,
+                "postprocess": self.postprocess * 1e3 / n}
 
 
 def _per_image(value, n: int, name: str) -> list:
@@ -67,16 +73,11 @@ def _per_image(value, n: int, name: str) -> list:
     return values
 
 
-#: Largest relative difference (max |Δ| / max |output|) between an image run alone and
-#: inside a batch that still counts as "the rewritten graph batches correctly".
-BATCH_CHECK_TOLERANCE = {"fp32": 1e-3, "fp16": 1e-2, "int8": 1e-2}
-
-
 class Detector:
     """Detect objects in batches of images with one engine.
 
-    ``Detector(config)`` loads the model (from a path or s3:// URL), picks the engine,
-    verifies batching when the graph was rewritten to a dynamic batch and warms up.
+    ``Detector(config)`` loads the model (from a path or s3:// URL), picks the engine and the
+    stages, verifies batching when the graph was rewritten to a dynamic batch and warms up.
     """
 
     def __init__(self, config: DetectorConfig | dict[str, Any], uri_prefix: str = "") -> None:
@@ -89,15 +90,42 @@ class Detector:
         self.chunk = config.batch_size
         if self.engine.max_batch is not None:
             self.chunk = min(self.chunk, self.engine.max_batch)
+        self._stages_of = None
+        self._choose_stages()
         self.batching_verified = self._verify_batching()
-        self.timings = Timings()
-        #: The GPU data path (decode, letterbox and NMS in torch on the engine's device) for
-        #: engines that take torch tensors and return the raw head; None: the CPU path.
-        self.gpu = self._gpu_preprocessor()
-        #: GPU path: decode chunk k+1 while the GPU runs chunk k (within one ``detect`` call).
+        #: GPU path: prepare chunk k+1 while the GPU runs chunk k (within one ``detect`` call).
         self.overlap = True
-        #: GPU path totals: bytes this detector uploaded, images decoded by nvJPEG / the CPU.
-        self.gpu_counters = {"h2d_bytes": 0, "nvjpeg": 0, "cpu_decoded": 0}
+        #: Totals over this detector's life: bytes uploaded, images per decoder.
+        self.gpu_counters: dict[str, int] = {"h2d_bytes": 0, "nvjpeg": 0, "cpu_decoded": 0}
+
+    # --- stages -------------------------------------------------------------------------
+    def _choose_stages(self) -> None:
+        """The preprocessor by the engine's input kind, the postprocessor by its output."""
+        eng = self.engine
+        self.stages = choose_stages(eng.input_kind, eng.nms_in_engine)
+        if self.stages.preprocess == "gpu":
+            from raydetect.gpu_preprocess import GpuPreprocessor
+
+            self.preprocessor = GpuPreprocessor(
+                self.card.imgsz,
+                eng.device,
+                dtype=getattr(eng, "dtype", None),
+                max_pixels=self.config.max_pixels,
+                max_bytes=self.config.max_bytes,
+                decoder=self.config.image_decoder if str(eng.device).startswith("cuda") else "auto",
+            )
+        else:
+            self.preprocessor = CpuPreprocessor(self.card.imgsz, self.config.max_pixels, self.config.max_bytes)
+        self.postprocessor = make_postprocessor(self.stages.postprocess, self.card.layout)
+        self._stages_of = eng
+
+    @property
+    def gpu(self):
+        """The GPU preprocessor (decode + letterbox in torch on the engine's device), or None on
+        the CPU data path."""
+        if self._stages_of is not self.engine:  # the engine was swapped (tests): choose again
+            self._choose_stages()
+        return self.preprocessor if self.stages.preprocess == "gpu" else None
 
     # --- identity -----------------------------------------------------------------------
     @property
@@ -105,16 +133,25 @@ class Detector:
         return self.card.names
 
     def info(self) -> dict[str, Any]:
+        pre = self.preprocessor
         return {
             **self.card.summary(),
             **self.engine.metadata(),
             "batch_size": self.chunk,
             "batching_verified": self.batching_verified,
+            "stages": {"preprocess": self.stages.preprocess, "postprocess": self.stages.postprocess,
+                       "image_decoder": getattr(pre, "decoder", "cpu")},
         }
 
     def _verify_batching(self) -> bool:
         """Run one image alone and inside a batch; on mismatch fall back to chunks of 1.
-        Doubles as the warm-up."""
+        Doubles as the warm-up. An engine that checked itself (``batch_consistent``, with the
+        same tolerance table) is not checked twice."""
+        own = getattr(self.engine, "batch_consistent", None)
+        if own is not None:
+            if not own:
+                self.chunk = 1
+            return bool(own)
         x = batching_check_input(self.card.imgsz, n=2)
         if self.engine.nms_in_engine:
             return self._verify_batching_nms(x)
@@ -122,11 +159,8 @@ class Detector:
         if not self.card.batch_rewritten or self.chunk == 1:
             return True
         both = np.asarray(self._infer(x))
-        err = np.abs(both[:1] - alone).max() / max(float(np.abs(alone).max()), 1e-6)
-        # Reduced precisions legitimately differ between batch sizes (other kernels, other
-        # accumulation order): FP16 by ~1e-3 of the output range on the H200.
-        tol = BATCH_CHECK_TOLERANCE.get(self.engine.precision, 1e-2)
-        if not np.isfinite(err) or err > tol:
+        ok, err, tol = batch_check_error(alone, both, self.engine.precision)
+        if not ok:
             log.warning(
                 "%s: the graph rewritten to a dynamic batch gives different outputs in a batch "
                 "(relative error %.3g > %g for %s); running images one at a time",
@@ -156,7 +190,7 @@ class Detector:
     def _infer(self, x: np.ndarray) -> np.ndarray:
         return self.engine.infer(x)
 
-    def _infer_nms(self, x: np.ndarray, conf: list[float], iou: list[float], max_det: list[int]) -> NMSOutput:
+    def _infer_nms(self, x, conf: list[float], iou: list[float], max_det: list[int]) -> NMSOutput:
         """Engines with NMS inside take one conf/IoU per call: images sharing an IoU run
         together at the lowest conf among them (higher ones and smaller max_det are applied
         exactly afterwards by :func:`nms_output_rows`)."""
@@ -174,6 +208,30 @@ class Detector:
         fields = [np.concatenate([getattr(o, f) for o in outs])[inv] for f in ("num", "boxes", "scores", "classes")]
         return NMSOutput(*fields)
 
+    # --- the public stages --------------------------------------------------------------
+    def prepare(self, images: Sequence[ImageInput]) -> PreparedBatch:
+        """Stage 1: decode + letterbox ``images`` on the engine's device."""
+        if self._stages_of is not self.engine:
+            self._choose_stages()
+        return self.preprocessor.prepare(images)
+
+    def infer(self, batch: PreparedBatch, conf: list[float], iou: list[float], max_det: list[int]):
+        """Stage 2: the engine on a prepared batch (``conf``/``iou``/``max_det`` per row, used
+        by engines with NMS inside). On the GPU the call returns before the GPU finishes."""
+        if self.engine.nms_in_engine:
+            return self._infer_nms(batch.tensor, conf, iou, max_det)
+        return self._infer(batch.tensor)
+
+    def rows(self, preds, conf: list[float], iou: list[float], max_det: list[int]) -> list[Rows]:
+        """Stage 3: the engine's output → rows per image (letterboxed model coordinates)."""
+        return self.postprocessor(preds, conf, iou, max_det)
+
+    def to_detections(self, rows: Rows, geom: Letterbox, oh: int, ow: int) -> DetectionArray:
+        """Rows in letterboxed coordinates → detections in original pixels with names (an
+        array-backed sequence: no Python object per box until one is read)."""
+        boxes, scores, cls = rows
+        return DetectionArray.from_rows(unletterbox_boxes(boxes, geom, oh, ow), scores, cls, self.card.names)
+
     # --- detection ----------------------------------------------------------------------
     def detect(
         self,
@@ -184,102 +242,50 @@ class Detector:
         iou: float | Sequence[float] | None = None,
         max_det: int | Sequence[int] | None = None,
     ) -> list[ImageResult]:
-        """Detect in ``images`` (encoded bytes or uint8 arrays, BGR like OpenCV).
-        Bad inputs become results with ``error`` set; the others are unaffected.
-        ``conf``/``iou``/``max_det`` are one value for all images or one per image (the
-        online endpoint shares one engine call between requests with different values)."""
-        cfg = self.config
-        conf = _per_image(cfg.conf if conf is None else conf, len(images), "conf")
-        iou = _per_image(cfg.iou if iou is None else iou, len(images), "iou")
-        max_det = _per_image(cfg.max_det if max_det is None else max_det, len(images), "max_det")
-        uris = list(uris) if uris is not None else [f"#{i}" for i in range(len(images))]
-        if len(uris) != len(images):
-            raise ValueError(f"{len(images)} images but {len(uris)} uris")
-        t = Timings(images=len(images))
-        results = [ImageResult(uri=u) for u in uris]
-        h, w = self.card.imgsz
-        if self.gpu is not None:
-            self._detect_gpu(images, results, conf, iou, max_det, t)
-            self.timings = t
-            return results
+        """Detect in ``images`` (encoded bytes, uint8 arrays in BGR like OpenCV, or on the GPU
+        path RGB ``[3, h, w]`` uint8 device tensors). Bad inputs become results with ``error``
+        set; the others are unaffected. ``conf``/``iou``/``max_det`` are one value for all
+        images or one per image (the online endpoint shares one engine call between requests
+        with different values). Each result's ``speed`` holds the call's milliseconds per image
+        by stage."""
+        return self.detect_timed(images, uris, conf=conf, iou=iou, max_det=max_det)[0]
 
-        ready: list[tuple[int, np.ndarray, Letterbox]] = []
-        t0 = time.perf_counter()
-        for i, img in enumerate(images):
-            try:
-                arr = self._decode(img)
-                results[i].height, results[i].width = arr.shape[:2]
-                boxed, geom = letterbox(arr, h, w)
-                ready.append((i, boxed, geom))
-            except ImageError as e:
-                results[i].error = str(e)
-            except Exception as e:  # a decoder bug must not kill the batch
-                results[i].error = f"decode failed: {type(e).__name__}: {e}"
-        t.decode = time.perf_counter() - t0
-
-        for start in range(0, len(ready), self.chunk):
-            part = ready[start : start + self.chunk]
-            t1 = time.perf_counter()
-            try:
-                x = to_tensor([p[1] for p in part])
-                if self.engine.nms_in_engine:
-                    ids = [p[0] for p in part]
-                    preds = self._infer_nms(x, [conf[i] for i in ids], [iou[i] for i in ids], [max_det[i] for i in ids])
-                else:
-                    preds = np.asarray(self._infer(x))
-            except Exception as e:
-                log.exception("engine failed on a batch of %d", len(part))
-                for i, _, _ in part:
-                    results[i].error = f"inference failed: {type(e).__name__}: {e}"
-                continue
-            t2 = time.perf_counter()
-            for j, (i, _, geom) in enumerate(part):
-                oh, ow = results[i].height, results[i].width
-                if isinstance(preds, NMSOutput):  # NMS ran inside the engine
-                    boxes, scores, cls = nms_output_rows(preds, j, conf[i], max_det[i])
-                    results[i].detections = self._rows_to_detections(boxes, scores, cls, geom, oh, ow)
-                else:
-                    results[i].detections = self._to_detections(preds[j], geom, oh, ow, conf[i], iou[i], max_det[i])
-            t.infer += t2 - t1
-            t.postprocess += time.perf_counter() - t2
-            t.batches += 1
-        self.timings = t
-        return results
-
-    # --- GPU path -----------------------------------------------------------------------
-    def _gpu_preprocessor(self):
-        if self.engine.input_kind != "torch" or self.engine.nms_in_engine:
-            return None
-        from raydetect.gpu_preprocess import GpuPreprocessor
-
-        return GpuPreprocessor(
-            self.card.imgsz,
-            self.engine.device,
-            dtype=getattr(self.engine, "dtype", None),
-            max_pixels=self.config.max_pixels,
-            max_bytes=self.config.max_bytes,
-        )
-
-    def _detect_gpu(
+    def detect_timed(
         self,
         images: Sequence[ImageInput],
-        results: list[ImageResult],
-        conf: list[float],
-        iou: list[float],
-        max_det: list[int],
-        t: Timings,
-    ) -> None:
-        """Decode + letterbox (nvJPEG, torch) → engine → batched NMS, all on the GPU; boxes
-        come back once per chunk. With ``overlap`` the next chunk is decoded while the GPU
-        runs the current one (the engine call returns before the GPU finishes)."""
-        starts = list(range(0, len(images), self.chunk))
+        uris: Sequence[str] | None = None,
+        *,
+        conf: float | Sequence[float] | None = None,
+        iou: float | Sequence[float] | None = None,
+        max_det: int | Sequence[int] | None = None,
+    ) -> tuple[list[ImageResult], Timings]:
+        """:meth:`detect`, and the call's :class:`Timings`."""
+        cfg = self.config
+        n = len(images)
+        conf = _per_image(cfg.conf if conf is None else conf, n, "conf")
+        iou = _per_image(cfg.iou if iou is None else iou, n, "iou")
+        max_det = _per_image(cfg.max_det if max_det is None else max_det, n, "max_det")
+        uris = list(uris) if uris is not None else [f"#{i}" for i in range(n)]
+        if len(uris) != n:
+            raise ValueError(f"{n} images but {len(uris)} uris")
+        if self._stages_of is not self.engine:
+            self._choose_stages()
+        t = Timings(images=n, decoders={})
+        results = [ImageResult(uri=u) for u in uris]
+        starts = list(range(0, n, self.chunk))
+        # overlap only where the engine call is asynchronous (the GPU): on the CPU the engine
+        # already uses every core
+        overlap = self.overlap and str(self.engine.device).startswith("cuda")
 
-        def prepare(s: int):
+        def prepare(s: int) -> PreparedBatch:
             t0 = time.perf_counter()
-            p = self.gpu.prepare(images[s : s + self.chunk])
+            p = self.prepare(images[s : s + self.chunk])
             t.decode += time.perf_counter() - t0
+            t.h2d_bytes += p.h2d_bytes
             for k in ("h2d_bytes", "nvjpeg", "cpu_decoded"):
                 self.gpu_counters[k] += getattr(p, k)
+            for name, c in p.decoder_counts().items():
+                t.decoders[name] = t.decoders.get(name, 0) + c
             return p
 
         nxt = prepare(0) if starts else None
@@ -291,68 +297,45 @@ class Detector:
                 elif size is not None:
                     results[s + j].height, results[s + j].width = size
             ids = [s + r for r in p.rows]
+            c, u, m = [conf[i] for i in ids], [iou[i] for i in ids], [max_det[i] for i in ids]
             preds = None
             t1 = time.perf_counter()
             if ids:
                 try:
-                    preds = self.engine.infer(p.tensor)
+                    preds = self.infer(p, c, u, m)
                 except Exception as e:
                     log.exception("engine failed on a batch of %d", len(ids))
                     for i in ids:
                         results[i].error = f"inference failed: {type(e).__name__}: {e}"
-            if self.overlap and k + 1 < len(starts):
-                nxt = prepare(starts[k + 1])
+            t2 = time.perf_counter()
+            if overlap and k + 1 < len(starts):
+                nxt = prepare(starts[k + 1])  # the host's part of chunk k+1 while the GPU runs chunk k
             if preds is not None:
-                t2 = time.perf_counter()
-                rows = self._gpu_rows(preds, ids, conf, iou, max_det)
-                for i, geom, (boxes, scores, cls) in zip(ids, p.geoms, rows, strict=True):
-                    results[i].detections = self._rows_to_detections(
-                        boxes, scores, cls, geom, results[i].height, results[i].width
-                    )
+                t3 = time.perf_counter()
+                dev = getattr(preds, "device", None)
+                if dev is not None and getattr(dev, "type", None) == "cuda":  # the GPU's share: inference
+                    import torch
+
+                    torch.cuda.current_stream(dev).synchronize()
+                    t2 += time.perf_counter() - t3
+                    t3 = time.perf_counter()
+                try:
+                    rows = self.rows(preds, c, u, m)
+                    for i, geom, r in zip(ids, p.geoms, rows, strict=True):
+                        results[i].detections = self.to_detections(r, geom, results[i].height, results[i].width)
+                except Exception as e:
+                    log.exception("postprocessing failed on a batch of %d", len(ids))
+                    for i in ids:
+                        results[i].error = f"inference failed: {type(e).__name__}: {e}"
                 t.infer += t2 - t1
-                t.postprocess += time.perf_counter() - t2
+                t.postprocess += time.perf_counter() - t3
                 t.batches += 1
             if nxt is None and k + 1 < len(starts):
                 nxt = prepare(starts[k + 1])
-
-    def _gpu_rows(self, preds, ids: list[int], conf: list[float], iou: list[float], max_det: list[int]):
-        """Batched GPU NMS, one call per distinct (conf, iou, max_det) among the images."""
-        from raydetect.gpu_postprocess import batched_postprocess
-
-        groups: dict[tuple[float, float, int], list[int]] = {}
-        for j, i in enumerate(ids):
-            groups.setdefault((float(conf[i]), float(iou[i]), int(max_det[i])), []).append(j)
-        out: list[Any] = [None] * len(ids)
-        for (c, u, m), js in groups.items():
-            part = preds if len(groups) == 1 else preds[js]
-            for j, r in zip(js, batched_postprocess(part, self.card.layout, c, u, m), strict=True):
-                out[j] = r
-        return out
-
-    def _decode(self, img: ImageInput) -> np.ndarray:
-        if isinstance(img, np.ndarray) and img.ndim in (2, 3):
-            return as_bgr(img)  # pixels; 1-D uint8 arrays are encoded bytes
-        data = img if isinstance(img, bytes) else bytes(img)
-        return decode_image(data, self.config.max_pixels, self.config.max_bytes)
-
-    def _to_detections(
-        self, pred: np.ndarray, geom: Letterbox, oh: int, ow: int, conf: float, iou: float, max_det: int
-    ) -> list[Detection]:
-        boxes, scores, cls = postprocess(pred, self.card.layout, conf, iou, max_det)
-        return self._rows_to_detections(boxes, scores, cls, geom, oh, ow)
-
-    def _rows_to_detections(
-        self, boxes: np.ndarray, scores: np.ndarray, cls: np.ndarray, geom: Letterbox, oh: int, ow: int
-    ) -> list[Detection]:
-        """Boxes in letterboxed coordinates → detections in original pixels with names."""
-        boxes = unletterbox_boxes(boxes, geom, oh, ow)
-        names = self.card.names
-        return [
-            Detection(
-                float(b[0]), float(b[1]), float(b[2]), float(b[3]), float(s), int(c), names.get(int(c), str(c))
-            )
-            for b, s, c in zip(boxes, scores, cls, strict=True)
-        ]
+        speed = t.speed()
+        for r in results:
+            r.speed = speed
+        return results, t
 
     # --- Ray Data -----------------------------------------------------------------------
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:

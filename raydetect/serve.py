@@ -499,8 +499,7 @@ class DetectorServer:
         return [(r, {"queue_ms": (started - j.enqueued) * 1e3, **shared}) for r, j in zip(results, jobs, strict=True)]
 
     def _detect_now(self, images, uris, conf, iou, max_det):
-        results = self.detector.detect(images, uris, conf=conf, iou=iou, max_det=max_det)
-        return results, self.detector.timings
+        return self.detector.detect_timed(images, uris, conf=conf, iou=iou, max_det=max_det)
 
 
 # --- building the application -------------------------------------------------------------

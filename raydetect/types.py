@@ -7,6 +7,7 @@ output schema is defined exactly once.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -74,15 +75,71 @@ class Detection:
         }
 
 
+class DetectionArray(Sequence):
+    """The detections of one image as arrays (boxes ``[k, 4]`` float32 in original pixels,
+    scores ``[k]`` float32, class ids ``[k]`` int64) behind the ``list[Detection]`` interface:
+    a :class:`Detection` is made only when one is read, and :func:`results_to_table` builds the
+    Arrow columns straight from the arrays (no Python object per box on the hot path).
+    Compares equal to the list of the same detections."""
+
+    __slots__ = ("boxes", "scores", "classes", "names")
+
+    def __init__(self, boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray, names: dict[int, str]) -> None:
+        self.boxes = boxes
+        self.scores = scores
+        self.classes = classes
+        self.names = names
+
+    @classmethod
+    def from_rows(cls, boxes, scores, classes, names: dict[int, str]) -> DetectionArray:
+        return cls(np.asarray(boxes, dtype=np.float32).reshape(-1, 4), np.asarray(scores, dtype=np.float32),
+                   np.asarray(classes, dtype=np.int64), names)
+
+    def __len__(self) -> int:
+        return int(self.scores.shape[0])
+
+    def _one(self, i: int) -> Detection:
+        b, c = self.boxes[i], int(self.classes[i])
+        return Detection(float(b[0]), float(b[1]), float(b[2]), float(b[3]), float(self.scores[i]), c,
+                         self.names.get(c, str(c)))
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self._one(k) for k in range(len(self))[i]]
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(i)
+        return self._one(i % n)
+
+    def __iter__(self):
+        return (self._one(i) for i in range(len(self)))
+
+    def __eq__(self, other) -> bool:
+        if isinstance(other, (list, tuple, DetectionArray)):
+            return list(self) == list(other)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"DetectionArray({list(self)!r})"
+
+    def class_names(self) -> list[str]:
+        return [self.names.get(int(c), str(int(c))) for c in self.classes]
+
+
 @dataclass(slots=True)
 class ImageResult:
-    """Detections for one input image (or video frame), or the error that prevented them."""
+    """Detections for one input image (or video frame), or the error that prevented them.
+    ``speed``: milliseconds per image by stage of the call that made it (preprocess,
+    inference, postprocess), as Ultralytics' ``Results.speed``; not part of the output rows."""
 
     uri: str
     width: int | None = None
     height: int | None = None
-    detections: list[Detection] = field(default_factory=list)
+    detections: list[Detection] | DetectionArray = field(default_factory=list)
     error: str | None = None
+    speed: dict[str, float] | None = None
 
     @property
     def ok(self) -> bool:
@@ -125,6 +182,32 @@ RESULT_SCHEMA = pa.schema(
 )
 
 
+def detections_column(dets: list[list[Detection] | DetectionArray | None]) -> pa.Array:
+    """The ``detections`` column (list of :data:`DETECTION_STRUCT`, null where ``None``): from
+    the arrays when every entry is a :class:`DetectionArray` (or None), else from dicts."""
+    if not all(d is None or isinstance(d, DetectionArray) for d in dets):
+        return pa.array([None if d is None else [x.to_dict() for x in d] for d in dets],
+                        type=pa.list_(DETECTION_STRUCT))
+    present = [d for d in dets if d is not None]
+    counts = np.array([0 if d is None else len(d) for d in dets], dtype=np.int32)
+    offsets = np.zeros(len(dets) + 1, dtype=np.int32)
+    np.cumsum(counts, out=offsets[1:])
+    if present:
+        boxes = np.concatenate([d.boxes for d in present]).astype(np.float32, copy=False)
+        scores = np.concatenate([d.scores for d in present]).astype(np.float32, copy=False)
+        classes = np.concatenate([d.classes for d in present])
+        names = [n for d in present for n in d.class_names()] if len(classes) else []
+    else:
+        boxes, scores, classes, names = np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64), []
+    values = pa.StructArray.from_arrays(
+        [pa.array(boxes[:, 0]), pa.array(boxes[:, 1]), pa.array(boxes[:, 2]), pa.array(boxes[:, 3]),
+         pa.array(scores), pa.array(classes.astype(np.int32)), pa.array(names, type=pa.string())],
+        fields=list(DETECTION_STRUCT),
+    )
+    mask = pa.array([d is None for d in dets]) if any(d is None for d in dets) else None
+    return pa.ListArray.from_arrays(pa.array(offsets), values, mask=mask).cast(pa.list_(DETECTION_STRUCT))
+
+
 def results_to_table(
     results: list[ImageResult], *, model_sha256: str, engine: str, precision: str
 ) -> pa.Table:
@@ -135,7 +218,7 @@ def results_to_table(
             "uri": [r.uri for r in results],
             "width": [r.width for r in results],
             "height": [r.height for r in results],
-            "detections": [[d.to_dict() for d in r.detections] for r in results],
+            "detections": detections_column([r.detections for r in results]),
             "error": [r.error for r in results],
             "model_sha256": [model_sha256] * n,
             "engine": [engine] * n,
@@ -263,10 +346,9 @@ def frame_results_to_table(
             "skipped": [r.skipped for r in rows],
             "ref_frame": [r.ref_frame for r in rows],
             "motion": [r.motion for r in rows],
-            "detections": [
-                None if (r.skipped or r.frame is None) else [d.to_dict() for d in r.result.detections]
-                for r in rows
-            ],
+            "detections": detections_column(
+                [None if (r.skipped or r.frame is None) else r.result.detections for r in rows]
+            ),
             "error": [r.result.error for r in rows],
             "model_sha256": [model_sha256] * n,
             "engine": [engine] * n,

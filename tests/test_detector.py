@@ -55,8 +55,9 @@ def test_alone_vs_inside_batch_of_16(random_detector):
     blobs = [p.read_bytes() for p in photo_paths() + defects]
     assert len(blobs) == 16
     det16 = Detector({"model": str(MODELS / "yolov8n-random.onnx"), "conf": 1e-4, "batch_size": 16})
-    batched = det16.detect(blobs)
-    assert det16.timings.batches == 1
+    batched, timings = det16.detect_timed(blobs)
+    assert timings.batches == 1 and timings.images == 16 and timings.decoders == {"cpu": 16}
+    assert batched[0].speed is not None and set(batched[0].speed) == {"preprocess", "inference", "postprocess"}
     for i in (0, 6, 15):
         alone = det16.detect([blobs[i]])[0]
         assert_same_detections(as_tuples(batched[i].detections), as_tuples(alone.detections))

@@ -52,7 +52,8 @@ TRAINED = MODELS / "yolov8n-defects.onnx"
 
 
 def gpu_config(model=STATIC, **kw) -> DetectorConfig:
-    kw = {"engine": "torch", "device": "cuda", "batch_size": 16, **kw}
+    """The eager engine (CUDA graphs of the converted module); the compiled one has its own tests."""
+    kw = {"engine": "torch", "device": "cuda", "batch_size": 16, "torch": {"compile": "off"}, **kw}
     return DetectorConfig(model=str(model), **kw)
 
 
@@ -149,7 +150,7 @@ def test_nvjpeg_decode_vs_cpu_decode_and_fallbacks():
     items = [*jpegs, *variants.values(), *webp]
     # default: progressive JPEGs to the CPU; then everything nvJPEG can take on nvJPEG
     for progressive_on_gpu in (False, True):
-        pp = GpuPreprocessor((640, 640), device="cuda", progressive_on_gpu=progressive_on_gpu)
+        pp = GpuPreprocessor((640, 640), device="cuda", progressive_on_gpu=progressive_on_gpu, decoder="nvjpeg")
         decoded, rep = pp.decode(items)
         print("progressive_on_gpu", progressive_on_gpu, rep.decoder, rep.notes)
         assert all(e is None for e in rep.errors), rep.errors
@@ -175,7 +176,8 @@ def _compare_with_cpu_decoder(items, decoded, rep) -> None:
     print("decoder vs OpenCV (mean |diff|, p99 |diff|) per image:", stats)
     assert max(m for _, m, _ in stats) <= 2.0
     # the accounting: compressed bytes for nvJPEG, pixels for the CPU decodes
-    expect = sum(len(b) if k == "nvjpeg" else t.numel() for b, t, k in zip(items, decoded, rep.decoder, strict=True))
+    expect = sum(len(b) if k in ("nvjpeg", "nvimgcodec") else t.numel()
+                 for b, t, k in zip(items, decoded, rep.decoder, strict=True))
     assert rep.h2d_bytes == expect
 
 
@@ -234,6 +236,7 @@ def test_end_to_end_detections_vs_cpu_path():
     blobs = [p.read_bytes() for p in paths]
     cfg = {"model": str(TRAINED), "conf": 0.25, "batch_size": 16}
     ref = Detector({**cfg, "engine": "onnxruntime"}).detect(blobs)
+    cfg["torch"] = {"compile": "off"}  # the compiled engine: test_compiled_engine_*
     assert sum(len(r.detections) for r in ref) >= 10
 
     # FP32 with the CPU decoder: only the letterbox rounding (<= 1 grey level) differs
@@ -256,6 +259,93 @@ def test_end_to_end_detections_vs_cpu_path():
             total, hit = total + n, hit + m
         print(f"{precision} + nvJPEG: {hit}/{total} confident CPU-path detections matched (IoU >= 0.9)")
         assert total > 0 and hit >= 0.95 * total
+
+
+# --- the compiled engine, nvImageCodec, device-tensor inputs -------------------------------------
+
+
+def _defect_batch(n: int = 16) -> np.ndarray:
+    paths = sorted((DEFECTS / "images" / "test").glob("*.jpg"))[:n - len(photo_paths())] + photo_paths()
+    return to_tensor([letterbox(decode_image(p.read_bytes(), BIG, BIG), 640, 640)[0] for p in paths])
+
+
+def test_compiled_engine_fp16_vs_onnxruntime_and_its_cache(tmp_path):
+    """torch.compile (inductor, frozen weights) + one CUDA graph per bucket on the trained model:
+    raw head within 1e-2 of ONNX Runtime FP32 (FP16) and 1e-4 (FP32); a second engine on the
+    same cache loads the compiled kernels (status 'hit')."""
+    card = ModelCard.load(str(TRAINED))
+    x = _defect_batch(16)
+    ref = ort.InferenceSession(card.onnx_bytes, providers=["CPUExecutionProvider"]).run(None, {card.input_name: x})[0]
+    xs = torch.from_numpy(x).cuda()
+    errs = {}
+    for p in ("fp16", "fp32"):
+        cfg = gpu_config(TRAINED, precision=p, batch_size=16, torch={"compile": "inductor", "cache": str(tmp_path)})
+        eng = TorchEngine(card, cfg)
+        meta = eng.metadata()
+        print(p, {k: meta[k] for k in ("compile", "compile_error", "compile_cache", "cuda_graph_batches", "warmup_s")})
+        assert meta["compile"] == "inductor" and meta["compile_error"] is None
+        assert eng.buckets == [1, 8, 16] and sorted(eng.graphs) == [1, 8, 16]
+        assert meta["compile_cache"]["status"] == "built"
+        for n in (16, 5, 1):
+            errs[(p, n)] = rel_err(eng.infer(xs[:n]).cpu().numpy(), ref[:n])
+        eager = eng.infer_eager(xs).cpu().numpy()
+        errs[(p, "vs_eager")] = rel_err(eng.infer(xs).cpu().numpy(), eager)
+    print("compiled engine, relative error vs ONNX Runtime FP32:", errs)
+    assert all(v <= 1e-2 for (p, _), v in errs.items() if p == "fp16")
+    assert all(v <= 1e-4 for (p, _), v in errs.items() if p == "fp32")
+    again = TorchEngine(card, gpu_config(TRAINED, precision="fp16", batch_size=16,
+                                         torch={"compile": "inductor", "cache": str(tmp_path)}))
+    assert again.metadata()["compile_cache"]["status"] == "hit"
+    assert rel_err(again.infer(xs).cpu().numpy(), ref) <= 1e-2
+
+
+def test_compiled_detector_detections_vs_cpu_path(tmp_path):
+    """Bytes to detections with the compiled FP16 engine and the default GPU decoder."""
+    paths = sorted((DEFECTS / "images" / "test").glob("*.jpg"))[:24] + photo_paths()
+    blobs = [p.read_bytes() for p in paths]
+    cfg = {"model": str(TRAINED), "conf": 0.25, "batch_size": 16}
+    ref = Detector({**cfg, "engine": "onnxruntime"}).detect(blobs)
+    det = Detector({**cfg, "engine": "torch", "device": "cuda", "precision": "fp16",
+                    "torch": {"compile": "inductor", "cache": str(tmp_path)}})
+    assert det.info()["compile"] == "inductor" and det.stages == ("gpu", "torch")
+    got, t = det.detect_timed(blobs)
+    print("decoders:", t.decoders, "speed ms/image:", got[0].speed)
+    total = hit = 0
+    for g, r in zip(got, ref, strict=True):
+        assert (g.error, g.height, g.width) == (r.error, r.height, r.width)
+        n, m = _matched(g.detections, r.detections, 0.5, 0.9)
+        total, hit = total + n, hit + m
+    assert total > 0 and hit >= 0.95 * total, (hit, total)
+    # the same rows from device tensors (decoded video frames never go back to the host)
+    frames = [torch.from_numpy(np.ascontiguousarray(decode_image(b, BIG, BIG)[..., ::-1].transpose(2, 0, 1))).cuda()
+              for b in blobs[:8]]
+    from_frames = det.detect(frames)
+    exact = Detector({**cfg, "engine": "torch", "device": "cuda", "precision": "fp16",
+                      "torch": {"compile": "inductor", "cache": str(tmp_path)}, "image_decoder": "cpu"})
+    from_bytes = exact.detect(blobs[:8])
+    for a, b in zip(from_frames, from_bytes, strict=True):
+        assert a.error is None and (a.height, a.width) == (b.height, b.width)
+        assert a.detections == b.detections
+
+
+def test_nvimgcodec_decode_vs_cpu_decode():
+    from raydetect.gpu_preprocess import nvimgcodec_status
+
+    why = nvimgcodec_status()
+    if why is not None:
+        pytest.skip(why)
+    jpegs = [p.read_bytes() for p in photo_paths() if p.suffix == ".jpg"]
+    variants = variant_jpegs(jpegs[1])
+    defects = [p.read_bytes() for p in sorted((DEFECTS / "images" / "test").glob("*.jpg"))[:16]]  # grey baseline
+    items = [*jpegs, *variants.values(), *defects]
+    pp = GpuPreprocessor((640, 640), device="cuda", decoder="auto")
+    assert pp.decoder == "nvimgcodec"
+    decoded, rep = pp.decode(items)
+    print("nvimgcodec:", rep.decoder_counts(), rep.notes)
+    assert all(e is None for e in rep.errors), rep.errors
+    assert rep.decoder[len(jpegs)] == "nvimgcodec" and rep.decoder[len(jpegs) + len(variants):] == ["nvimgcodec"] * 16
+    assert rep.decoder[len(jpegs) + 3 : len(jpegs) + len(variants)] == ["cpu"] * (len(variants) - 3)
+    _compare_with_cpu_decoder(items, decoded, rep)
 
 
 def test_auto_picks_torch_on_cuda():

@@ -185,7 +185,9 @@ class EngineCache:
         storage: StorageConfig | None = None,
         lock_dir: str | None = None,
         lock_timeout_s: float = 3600.0,
+        what: str = "TensorRT engine",
     ) -> None:
+        self.what = what  # what an entry is, in log lines and errors
         self.url = directory
         self.storage = storage
         self.fs, self.path = filesystem(directory, storage)
@@ -212,8 +214,9 @@ class EngineCache:
                 raise PermissionError(f"not writable: {self.path}")
         except OSError as e:
             raise EngineCacheError(
-                f"cannot use {self.url} as the TensorRT engine cache ({e}); set tensorrt.cache "
-                "(--cache) to a writable local directory or an s3:// prefix"
+                f"cannot use {self.url} as the {self.what} cache ({e}); set "
+                f"{'tensorrt.cache (--trt-cache)' if self.what == 'TensorRT engine' else 'its cache setting'} "
+                "to a writable local directory or an s3:// prefix"
             ) from None
 
     def _lock(self, stem: str):
@@ -356,9 +359,9 @@ class EngineCache:
                 raise EngineCacheError(self.no_engine_message(key, reason))
             status = "built" if reason == "no cached engine" else "rebuilt"
             if status == "rebuilt":
-                log.warning("rebuilding TensorRT engine %s: %s", url, reason)
+                log.warning("rebuilding %s %s: %s", self.what, url, reason)
             else:
-                log.info("building TensorRT engine %s (this takes minutes, once per GPU type)", url)
+                log.info("building %s %s (this takes minutes, once per GPU type)", self.what, url)
             t0 = time.perf_counter()
             built = build()
             seconds = time.perf_counter() - t0

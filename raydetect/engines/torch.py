@@ -5,7 +5,16 @@
 * channels-last memory format;
 * CUDA-graph replay for a fixed set of batch sizes (1, 8, 16, 32, 64, … up to the configured
   ``batch_size``): a batch is padded to the next captured size and the padding is dropped;
-* warm-up and capture in the constructor, i.e. once per Ray actor.
+* warm-up and capture in the constructor, i.e. once per Ray actor;
+* ``torch.compile`` (``torch.compile='auto'`` on CUDA, or ``'inductor'``): the graph compiled
+  by inductor with frozen weights (``freezing``: constants folded, conv+bn fused) and
+  ``dynamic=False``, one compiled graph and one CUDA graph per batch bucket
+  (``torch.compile_batches``, default 1, 8 and ``batch_size``). Compiling takes ~10-20 s per
+  bucket; the compiled kernels are cached (:func:`compile_key`: model sha256, torch and triton
+  versions, GPU name and compute capability, precision, input size, buckets) in
+  ``torch.cache`` (local dir or s3://) as one ``torch.compiler.save_cache_artifacts`` blob, under
+  a node-local lock so the actors of a node compile once. When compiling fails the engine runs
+  the eager CUDA graphs and says why (``compile_error`` in its metadata).
 
 ``infer`` takes a ``[B, 3, H, W]`` float tensor on the engine's device (or a NumPy array, then
 the result is NumPy too) and returns the raw head output as float32 on the same device.
@@ -22,7 +31,7 @@ import numpy as np
 
 from raydetect.config import DetectorConfig
 from raydetect.engines.base import Engine, EngineUnavailableError
-from raydetect.model_card import ModelCard, batching_check_input
+from raydetect.model_card import ModelCard, batch_check_error, batching_check_input
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +41,73 @@ GRAPH_BATCHES = (1, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 def graph_batch_sizes(batch_size: int) -> list[int]:
     return sorted({b for b in GRAPH_BATCHES if b < batch_size} | {batch_size})
+
+
+def compile_buckets(batch_size: int, requested: tuple[int, ...] | None = None) -> list[int]:
+    """The batch sizes compiled (each is one inductor graph and one CUDA graph): the
+    requested ones up to ``batch_size``, or 1, 8 and ``batch_size``; ``batch_size`` always
+    (a call's batch is padded to the next bucket)."""
+    wanted = requested if requested else (1, 8)
+    return sorted({b for b in wanted if b < batch_size} | {batch_size})
+
+
+def compile_mode(setting: str, is_cuda: bool) -> str:
+    """``'inductor'`` or ``'off'`` for a ``torch.compile`` setting on this device (auto:
+    compile on CUDA, where the CUDA graphs it feeds pay; on the CPU only when asked)."""
+    if setting == "auto":
+        return "inductor" if is_cuda else "off"
+    return setting
+
+
+def compile_key(card: ModelCard, precision: str, buckets: list[int], device_name: str,
+                capability: str, versions: str):
+    """The cache key of a compiled engine (a :class:`~raydetect.engines.tensorrt_cache.EngineKey`
+    whose runtime fields name torch and triton)."""
+    from raydetect.engines.tensorrt_cache import make_key
+
+    key = make_key(
+        onnx_sha256=card.sha256,
+        tensorrt_version=versions,
+        gpu_name=device_name,
+        compute_capability=capability,
+        precision=precision,
+        imgsz=card.imgsz,
+        batch_profile=(min(buckets), min(buckets), max(buckets)),
+        nms="none",
+        nms_params={"buckets": ",".join(map(str, buckets)), "recipe": COMPILE_RECIPE},
+    )
+    return CompiledKey(**{f: getattr(key, f) for f in key.__dataclass_fields__})
+
+
+#: Bump when the compile recipe (options, freezing, layout) changes: old cache entries then miss.
+COMPILE_RECIPE = "inductor-freezing-cl-1"
+
+
+def _compiled_key_class():
+    from dataclasses import dataclass
+
+    from raydetect.engines.tensorrt_cache import EngineKey, _slug
+
+    @dataclass(frozen=True)
+    class CompiledKey(EngineKey):
+        """File names say torch, not TensorRT."""
+
+        def file_stem(self) -> str:
+            h, w = self.imgsz
+            return (f"{self.onnx_sha256[:12]}_{self.precision}_{h}x{w}_b{self.batch_profile[2]}"
+                    f"_{_slug(self.gpu_name)}_{_slug(self.tensorrt_version)}_{self.digest()[:16]}")
+
+    return CompiledKey
+
+
+CompiledKey = _compiled_key_class()
+
+
+def default_compile_cache() -> str:
+    import os
+    from pathlib import Path
+
+    return os.environ.get("RAYDETECT_TORCH_CACHE") or str(Path.home() / ".cache" / "raydetect" / "torch")
 
 
 def _imports() -> str | None:
@@ -105,11 +181,25 @@ class TorchEngine(Engine):
         self.graph_error: str | None = None
         self._lock = threading.Lock()
         self._stream = torch.cuda.Stream(dev) if self.is_cuda else None
+        #: what runs a batch: the converted module, or its compiled form
+        self.run = self.model
+        self.buckets: list[int] = []  # compiled batch sizes (empty: not compiled)
+        self.compile_mode = compile_mode(config.torch.compile, self.is_cuda)
+        self.compile_error: str | None = None
+        self.compile_cache: dict[str, Any] = {}
         self.batch_consistent = self._check_batching()
         if not self.batch_consistent:
             self.max_batch = 1
         t0 = time.perf_counter()
-        if self.is_cuda:
+        if self.compile_mode == "inductor":
+            try:
+                self._compile(compile_buckets(self.max_batch, config.torch.compile_batches))
+            except Exception as e:  # an optimisation: fall back to eager CUDA graphs, say why
+                self.compile_error = f"{type(e).__name__}: {e}"[:2000]
+                log.warning("torch.compile failed, running the eager graph: %s", self.compile_error)
+                self.run, self.buckets = self.model, []
+                self.graphs.clear()
+        if self.is_cuda and not self.graphs:
             self._capture(graph_batch_sizes(self.max_batch))
         self.warmup_s = time.perf_counter() - t0
 
@@ -118,21 +208,81 @@ class TorchEngine(Engine):
         return x.to(self.dev, self.dtype).contiguous(memory_format=self.torch.channels_last)
 
     def _check_batching(self) -> bool:
-        """One image alone vs inside a batch of 2 (eager); also the first warm-up."""
+        """One image alone vs inside a batch of 2 (eager); also the first warm-up. The
+        tolerance is the detector's (:data:`~raydetect.model_card.BATCH_CHECK_TOLERANCE`)."""
         torch = self.torch
         x = torch.from_numpy(batching_check_input(self.card.imgsz, n=2))
-        alone = self.infer_eager(x[:1])
-        both = self.infer_eager(x)
-        ref = float(alone.abs().max())
-        err = float((both[:1] - alone).abs().max()) / max(ref, 1e-6)
-        tol = 1e-3 if self.dtype == torch.float32 else 2e-2
-        if not np.isfinite(err) or err > tol:
-            log.warning("%s: converted graph differs inside a batch (rel. error %.3g); batch 1 only",
-                        self.card.url, err)
-            return False
-        return True
+        alone = self.infer_eager(x[:1]).cpu().numpy()
+        both = self.infer_eager(x).cpu().numpy()
+        ok, err, tol = batch_check_error(alone, both, self.precision)
+        if not ok:
+            log.warning("%s: converted graph differs inside a batch (rel. error %.3g > %g); batch 1 only",
+                        self.card.url, err, tol)
+        return ok
 
-    def _capture(self, sizes: list[int]) -> None:
+    def _compile(self, buckets: list[int]) -> None:
+        """torch.compile the module for each bucket (from the cache when it has them) and, on
+        CUDA, capture each as a CUDA graph. Raises when compiling fails."""
+        torch = self.torch
+        from raydetect.engines.tensorrt_cache import EngineCache
+
+        if self.convert_report["host_reading_modules"]:
+            raise RuntimeError(f"modules read tensors on the host: {self.convert_report['host_reading_modules']}")
+        dyn = torch._dynamo.config
+        for name in ("recompile_limit", "cache_size_limit"):  # one compiled graph per bucket
+            if hasattr(dyn, name):
+                setattr(dyn, name, max(getattr(dyn, name), len(buckets) + 4))
+        compiled = torch.compile(self.model, backend="inductor", dynamic=False, options={"freezing": True})
+        if self.is_cuda:
+            props = torch.cuda.get_device_properties(self.dev)
+            name, cc = props.name, f"{props.major}.{props.minor}"
+        else:
+            import platform
+
+            name, cc = f"cpu-{platform.machine()}", "0.0"
+        try:
+            import triton
+
+            versions = f"torch-{torch.__version__}-triton-{triton.__version__}"
+        except ImportError:
+            versions = f"torch-{torch.__version__}"
+        key = compile_key(self.card, self.precision, buckets, name, cc, versions)
+        cfg = self.config.torch
+        cache = EngineCache(cfg.cache or default_compile_cache(), self.config.storage,
+                            lock_timeout_s=cfg.lock_timeout_s, what="compiled torch engine")
+        built = False
+
+        def warm() -> None:
+            self.run, self.buckets = compiled, list(buckets)
+            if self.is_cuda:
+                self._capture(buckets, strict=True)
+            else:
+                h, w = self.card.imgsz
+                with torch.no_grad():
+                    for b in buckets:
+                        self.run(self._prep(torch.full((b, 3, h, w), 0.5)))
+
+        def build():
+            nonlocal built
+            warm()
+            built = True
+            art = torch.compiler.save_cache_artifacts()
+            return (art[0] if art else b""), {"buckets": list(buckets), "compile": "inductor"}
+
+        def load(blob: bytes):
+            if not built:  # a cache hit: kernels from the blob, then the same warm-up
+                if blob:
+                    torch.compiler.load_cache_artifacts(blob)
+                warm()
+            return True
+
+        t0 = time.perf_counter()
+        res = cache.load_or_build(key, build, load)
+        self.compile_cache = {"status": res.status, "url": res.engine_url,
+                              "seconds": round(time.perf_counter() - t0, 2), "buckets": list(buckets)}
+        log.info("torch.compile: %s (%s, %.1f s)", res.engine_url, res.status, self.compile_cache["seconds"])
+
+    def _capture(self, sizes: list[int], strict: bool = False) -> None:
         torch = self.torch
         if self.convert_report["host_reading_modules"]:
             self.graph_error = f"modules read tensors on the host: {self.convert_report['host_reading_modules']}"
@@ -148,15 +298,17 @@ class TorchEngine(Engine):
                 side.wait_stream(cur)
                 with torch.cuda.stream(side), torch.no_grad():
                     for _ in range(2):
-                        self.model(static_in)
+                        self.run(static_in)
                 cur.wait_stream(side)
                 g = torch.cuda.CUDAGraph()
                 with torch.no_grad(), torch.cuda.graph(g, pool=pool):
-                    static_out = self.model(static_in)
+                    static_out = self.run(static_in)
                 self.graphs[b] = (g, static_in, static_out)
             torch.cuda.synchronize(self.dev)
         except Exception as e:  # capture is an optimisation: fall back to eager, say why
             self.graphs.clear()
+            if strict:
+                raise
             self.graph_error = f"{type(e).__name__}: {e}"
             log.warning("CUDA graph capture failed, running eagerly: %s", self.graph_error)
 
@@ -184,6 +336,13 @@ class TorchEngine(Engine):
     def _infer_chunk(self, x: Any) -> Any:
         torch = self.torch
         n = int(x.shape[0])
+        if not self.graphs and self.buckets:  # compiled without CUDA graphs (the CPU)
+            b = min(s for s in self.buckets if s >= n)
+            xp = self._prep(x)
+            if b > n:
+                xp = torch.cat([xp, xp[:1].expand(b - n, -1, -1, -1)])
+            with torch.no_grad():
+                return self.run(xp.contiguous(memory_format=torch.channels_last))[:n].to(torch.float32)
         if not self.graphs:
             return self.infer_eager(x)
         b = min(s for s in self.graphs if s >= n)
@@ -206,6 +365,10 @@ class TorchEngine(Engine):
             **super().metadata(),
             "cuda_graph_batches": sorted(self.graphs),
             "cuda_graph_error": self.graph_error,
+            "compile": self.compile_mode if not self.compile_error else "off (failed)",
+            "compile_error": self.compile_error,
+            "compile_buckets": self.buckets,
+            "compile_cache": self.compile_cache,
             "channels_last": True,
             "convert_s": round(self.convert_s, 3),
             "warmup_s": round(self.warmup_s, 3),
