@@ -138,7 +138,10 @@ def _batch_of(images: list[bytes], n: int) -> list[bytes]:
 # --- the benchmark --------------------------------------------------------------------------
 
 
-def run_bench(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+def run_bench(cfg: BenchConfig, progress: Callable[[str], None] | None = None, *,
+              steps: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    """Time the engine alone and end to end per batch size. ``progress(line)``: one result line
+    per batch size; ``steps(done, total)``: after each timing (2 per batch size)."""
     from raydetect.detector import Detector
     from raydetect.preprocess import decode_image, letterbox, to_tensor
 
@@ -173,11 +176,15 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -
             x = torch.from_numpy(x).to(getattr(engine, "dev", None) or engine.device)
         secs = time_calls(lambda x=x: engine.infer(x), cfg.iterations, cfg.min_seconds, cfg.warmup, sync)
         row["engine"] = latency_stats(secs, b)
+        if steps:
+            steps(2 * len(results) + 1, 2 * len(cfg.batch_sizes))
         batch = _batch_of(images, b)
         uris = [f"#{i}" for i in range(b)]
         secs = time_calls(lambda batch=batch, uris=uris: det.detect(batch, uris), cfg.iterations,
                           cfg.min_seconds, cfg.warmup, sync)
         row["end_to_end"] = latency_stats(secs, b)
+        if steps:
+            steps(2 * len(results) + 2, 2 * len(cfg.batch_sizes))
         cuda = _torch_cuda()
         row["peak_memory_mb"] = {
             "rss": peak_rss_mb(),
@@ -233,7 +240,11 @@ def bench_config(args: argparse.Namespace) -> BenchConfig:
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     cfg = bench_config(args)
-    result = run_bench(cfg, progress=lambda line: print(line, flush=True))
+    from raydetect.progress import Progress
+
+    # a live bar in a terminal (result lines printed above it), a line every 10 s in logs
+    with Progress("bench", total=2 * len(cfg.batch_sizes), unit="timings") as bar:
+        result = run_bench(cfg, progress=bar.write, steps=bar)
     text = json.dumps(result, indent=2)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -664,16 +664,14 @@ def _cli(args) -> int:
 
 
 def _run_cli(args, cfg, storage) -> int:
-    import sys
-
     dataset = load_dataset(args.data, args.split, storage, images=args.images)
 
-    def progress(done: int, total: int) -> None:
-        if sys.stderr.isatty() or done == total:
-            print(f"\r{done}/{total} images", end="\n" if done == total else "", file=sys.stderr)
+    from raydetect.progress import Progress
 
-    # the whole DetectorConfig: --max-pixels, --max-bytes and --trt-cache take effect too
-    report = evaluate_config(cfg, dataset, limit=args.limit, seed=args.seed, progress=progress)
+    # a live bar in a terminal, a line every 10 s in logs
+    with Progress("eval", unit="images") as progress:
+        # the whole DetectorConfig: --max-pixels, --max-bytes and --trt-cache take effect too
+        report = evaluate_config(cfg, dataset, limit=args.limit, seed=args.seed, progress=progress)
     print(report.table())
     print(report.line())
     if args.report:

@@ -28,7 +28,7 @@ import posixpath
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -338,6 +338,7 @@ def calibrate(
     seed: int = 0,
     max_pixels: int = 40_000_000,
     max_bytes: int = 64 * 1024 * 1024,
+    progress: Callable[[int, int], None] | None = None,
 ) -> CalibrationTable:
     """Run the calibration images through ONNX Runtime's calibrator for ``method`` (chunk by
     chunk, so memory stays bounded) and return the per-tensor ranges."""
@@ -368,6 +369,8 @@ def calibrate(
             calibrator.collect_data(_ListReader([{card.input_name: x}]))
             n += len(x)
             log.debug("calibrated %d/%d images", n, len(calib.files))
+            if progress is not None:
+                progress(n, len(calib.files))
         tensors = calibrator.compute_data()
     log.info("calibration (%s) on %d images took %.1f s", method, n, time.perf_counter() - t0)
     ranges = {k: (_f32(v.range_value[0]), _f32(v.range_value[1])) for k, v in tensors.items()}
@@ -575,8 +578,15 @@ def _eval_summary(report) -> dict[str, Any]:
     }
 
 
-def quantize(cfg: QuantizeConfig | dict[str, Any]) -> QuantizeReport:
-    """Calibrate, quantize and (with ``eval_data``) gate; see the module docstring."""
+def quantize(cfg: QuantizeConfig | dict[str, Any], *, progress: bool = False) -> QuantizeReport:
+    """Calibrate, quantize and (with ``eval_data``) gate; see the module docstring.
+    ``progress``: show the progress of the calibration and of each evaluation on stderr
+    (:class:`raydetect.progress.Progress`; the CLI sets it)."""
+    from raydetect.progress import Progress
+
+    def step(desc: str) -> Progress | contextlib.nullcontext:
+        return Progress(desc, unit="images") if progress else contextlib.nullcontext()
+
     if not isinstance(cfg, QuantizeConfig):
         cfg = validate(QuantizeConfig, cfg, "quantize")
     t_start = time.perf_counter()
@@ -618,7 +628,9 @@ def quantize(cfg: QuantizeConfig | dict[str, Any]) -> QuantizeReport:
         onnx.save_model(named, os.path.join(work, "fp32.onnx"))
         for method in methods:
             t0 = time.perf_counter()
-            table = calibrate(card, calib, method, workdir=work, batch=cfg.calib_batch, seed=cfg.seed)
+            with step(f"calibration ({method})") as bar:
+                table = calibrate(card, calib, method, workdir=work, batch=cfg.calib_batch, seed=cfg.seed,
+                                  progress=bar)
             # quantize from the table as saved, so the artefact is reproducible from the JSON
             table = CalibrationTable.from_json(table.to_json())
             out_local = os.path.join(work, f"int8-{method}.onnx")
@@ -634,11 +646,13 @@ def quantize(cfg: QuantizeConfig | dict[str, Any]) -> QuantizeReport:
                 from raydetect.evaluate import evaluate_model
 
                 if fp32 is None:
-                    fp32 = evaluate_model(cfg.model, dataset, engine="onnxruntime", limit=cfg.eval_limit,
-                                          seed=cfg.seed, threads=cfg.threads, storage=storage)
+                    with step("FP32 evaluation") as bar:
+                        fp32 = evaluate_model(cfg.model, dataset, engine="onnxruntime", limit=cfg.eval_limit,
+                                              seed=cfg.seed, threads=cfg.threads, storage=storage, progress=bar)
                     log.info("FP32: %s", fp32.line())
-                int8 = evaluate_model(out_local, dataset, engine="onnxruntime", limit=cfg.eval_limit,
-                                      seed=cfg.seed, threads=cfg.threads, storage=storage)
+                with step(f"INT8 evaluation ({method})") as bar:
+                    int8 = evaluate_model(out_local, dataset, engine="onnxruntime", limit=cfg.eval_limit,
+                                          seed=cfg.seed, threads=cfg.threads, storage=storage, progress=bar)
                 att.int8_map50, att.int8_map50_95 = int8.map50, int8.map50_95
                 att.drop_points = round((fp32.map50 - int8.map50) * 100, 4)
                 att.passed = att.drop_points <= cfg.max_map_drop
@@ -805,7 +819,7 @@ def _cli(args) -> int:
     from raydetect.evaluate import DatasetError
 
     try:
-        report = quantize(cfg)
+        report = quantize(cfg, progress=True)
     except (CalibrationError, DatasetError) as e:
         print(f"raydetect quantize: error: {e}", file=sys.stderr)
         return 2

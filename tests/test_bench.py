@@ -39,8 +39,10 @@ def test_bench_cli_writes_json_plan_can_read(tmp_path, capsys):
                "--batch-sizes", "1,2", "--iterations", "2", "--warmup", "1", "--engine", "onnxruntime",
                "--threads", "1", "--conf", "0.0001", "--out", str(out)])
     assert rc == 0
-    printed = capsys.readouterr().out
+    cap = capsys.readouterr()
+    printed = cap.out
     assert "batch    1: engine" in printed and f"wrote {out}" in printed
+    assert "bench: 4/4 timings in " in cap.err  # the progress line at the end (not a terminal here)
     res = json.loads(out.read_text())
     assert res["schema"] == "raydetect.bench/1" and res["device"] == "cpu"
     assert res["engine"]["engine"] == "onnxruntime" and res["model"]["sha256"]

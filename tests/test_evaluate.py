@@ -209,8 +209,10 @@ def test_cli_eval_writes_json_report_with_per_class_ap(small_set, tmp_path, caps
     rc = main(["eval", "--model", MODEL, "--data", str(small_set), "--engine", "onnxruntime",
                "--limit", "12", "--batch-size", "4", "--report", str(out)])
     assert rc == 0
-    text = capsys.readouterr().out
+    cap = capsys.readouterr()
+    text = cap.out
     assert "mAP@0.5" in text and "hd" in text
+    assert "eval: 12/12 images in " in cap.err  # the progress line at the end (not a terminal here)
     rep = json.loads(out.read_text())
     assert rep["images"] == 12 and rep["conf"] == 0.001 and rep["iou"] == 0.7 and rep["max_det"] == 300
     assert 0.0 <= rep["map50_95"] <= rep["map50"] <= 1.0
