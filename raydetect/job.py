@@ -54,7 +54,7 @@ class JobStalledError(RaydetectError, TimeoutError):
 @dataclass
 class JobSummary:
     images: int
-    seconds: float
+    seconds: float  # running the image shards (images/s is over this); start-up not included
     detections: int
     errors: int
     output: str
@@ -67,6 +67,11 @@ class JobSummary:
     report: str | None = None  # OUTPUT/_report/report.json when written
     unreadable: int = 0  # input-like entries that could not be read (each has an error row)
     skipped: dict[str, int] = field(default_factory=dict)  # other entries, per extension
+    #: before the shards ran: listing the input, reading the model, preparing the output,
+    #: starting (or joining) Ray and waiting for actor resources
+    startup_s: float = 0.0
+    #: the whole command, set by the CLI (start-up, shards, videos, report); None: start-up + seconds
+    total_s: float | None = None
 
     @property
     def images_per_s(self) -> float:
@@ -74,10 +79,12 @@ class JobSummary:
         return n / self.seconds if self.seconds > 0 else 0.0
 
     def line(self) -> str:
+        # the wall time the user waited, and how much of it was start-up (Ray mostly)
+        total = self.total_s if self.total_s is not None else self.startup_s + self.seconds
         text = (
-            f"raydetect: {self.images} images in {self.seconds:.1f} s "
-            f"({self.images_per_s:.1f} images/s), {self.detections} detections, "
-            f"{self.errors} errors -> {self.output}"
+            f"raydetect: {self.images} images in {total:.1f} s "
+            f"({self.startup_s:.1f} s start-up, {self.seconds:.1f} s detecting: {self.images_per_s:.1f} images/s), "
+            f"{self.detections} detections, {self.errors} errors -> {self.output}"
         )
         if self.shards_skipped:
             text += (
@@ -88,7 +95,7 @@ class JobSummary:
             text += "; skipped (not inputs): " + ", ".join(f"{n} {ext}" for ext, n in sorted(self.skipped.items()))
         if self.video is None:
             return text
-        return self.video.line() if self.images == 0 else f"{text}\n{self.video.line()}"
+        return self.video.line(self.startup_s) if self.images == 0 else f"{text}\n{self.video.line()}"
 
     def as_dict(self) -> dict:
         return {**asdict(self), "images_per_s": self.images_per_s}
@@ -388,6 +395,7 @@ def _run_job(cfg: JobConfig, overwrite: bool, hb: Heartbeat) -> JobSummary:
 
     from raydetect.video.pipeline import run_video_job, split_videos
 
+    t_start = time.perf_counter()
     hb.beat(f"listing {show(cfg.input)}")
     with _storage_phase(f"listing {show(cfg.input)}", cfg):
         listing = scan_inputs(cfg.input, cfg.extensions + cfg.video.extensions, cfg.detector.storage)
@@ -452,6 +460,7 @@ def _run_job(cfg: JobConfig, overwrite: bool, hb: Heartbeat) -> JobSummary:
     summary.write_s = stats.write_s
     summary.unreadable = sum(1 for p in files if p in errors)
     summary.skipped = dict(listing.skipped)
+    summary.startup_s = t0 - t_start
     if videos:  # after the images: summarize() reads the top level of the output only then
         hb.mute("running videos")
         summary.video = run_video_job(cfg, in_fs, videos)
@@ -546,9 +555,23 @@ def job_config(args: argparse.Namespace) -> JobConfig:
     )
 
 
+def _process_age_s() -> float:
+    """Seconds since this process started (Python and raydetect imports, option parsing), 0.0
+    where that cannot be read."""
+    try:
+        import psutil  # a dependency of ray
+
+        return max(0.0, time.time() - psutil.Process().create_time())
+    except Exception:
+        return 0.0
+
+
 def _cmd_detect(args: argparse.Namespace) -> int:
+    before = _process_age_s()
     cfg = job_config(args)
     summary = run_job(cfg, overwrite=args.overwrite)
+    summary.startup_s += before  # the summary's time is the time the command took to get going too
+    summary.total_s = _process_age_s()
     print(summary.line(), flush=True)
     return 0
 

@@ -1,9 +1,11 @@
 """The batch job end to end with real Ray Data, local files and a local S3 server."""
 
 import os
+import re
 import shutil
 import subprocess
 import sys
+import time
 
 import cv2
 import numpy as np
@@ -130,14 +132,23 @@ def test_cli_detect_end_to_end(tmp_path):
     """The README command, as a user runs it (its own Ray instance)."""
     out = tmp_path / "cli-out"
     env = {**os.environ, "RAY_ADDRESS": "local"}
+    t0 = time.monotonic()
     proc = subprocess.run(
         [sys.executable, "-m", "raydetect.cli", "detect", "--model", MODEL,
          "--input", str(photo_paths()[0].parent), "--output", str(out), "--conf", "0.0001",
          "--limit", "3", "--no-progress"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
     )
+    wall = time.monotonic() - t0
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "raydetect: 3 images in" in proc.stdout and "0 errors" in proc.stdout
+    # the summary's time is the command's (start-up included) and says how much start-up was
+    m = re.search(r"3 images in ([\d.]+) s \(([\d.]+) s start-up, ([\d.]+) s detecting: [\d.]+ images/s\)",
+                  proc.stdout)
+    assert m, proc.stdout
+    total, startup, detecting = map(float, m.groups())
+    assert startup > 0.5 and startup + detecting <= total + 0.1 and total <= wall
+    assert total >= 0.6 * wall  # only Ray's shutdown at exit is left out
     table, rows = read_rows(out)
     assert table.num_rows == 3
     # --limit takes the first files in sorted order

@@ -244,10 +244,14 @@ class VideoJobSummary:
     #: the per-segment counters (incl. which worker ran the segment); not part of as_dict()
     segment_rows: list[dict[str, Any]] = field(default_factory=list, repr=False)
 
-    def line(self) -> str:
+    def line(self, startup_s: float | None = None) -> str:
+        """The summary line; ``startup_s``: the job's start-up before the videos ran (Ray
+        mostly), counted in the time and named (a job of videos alone)."""
         fps = self.frames_decoded / self.seconds if self.seconds > 0 else 0.0
+        took = (f"{self.seconds:.1f} s" if startup_s is None
+                else f"{startup_s + self.seconds:.1f} s ({startup_s:.1f} s start-up)")
         return (
-            f"raydetect: {self.videos} videos ({self.segments} segments) in {self.seconds:.1f} s: "
+            f"raydetect: {self.videos} videos ({self.segments} segments) in {took}: "
             f"{self.frames_decoded} frames decoded ({fps:.1f}/s), {self.frames_processed} processed, "
             f"{self.frames_skipped} skipped by the gate, {self.detections} detections, {self.errors} errors "
             f"-> {self.frames_output}"
