@@ -462,7 +462,8 @@ def _h2d_variants(eng, card, blobs: list[bytes], device: str) -> dict[str, Any]:
 # --- the Detector in-process --------------------------------------------------------------------
 
 
-def bench_detector(model: str, sets: dict[str, Any], device: str, batch: int, n: int, work: Path) -> dict[str, Any]:
+def bench_detector(model: str, sets: dict[str, Any], device: str, batch: int, n: int, work: Path,
+                   decoders: list[str] | None = None) -> dict[str, Any]:
     """``Detector.detect`` in-process (bytes → result rows → Arrow table), the compiled engine:
     per-batch latency, images/s with and without the overlap of chunk k+1's preparation with
     chunk k's GPU work, and the per-stage profile through the public stages (synchronised after
@@ -471,7 +472,7 @@ def bench_detector(model: str, sets: dict[str, Any], device: str, batch: int, n:
 
     prec = "fp16" if device.startswith("cuda") else "fp32"
     out: dict[str, Any] = {"precision": prec, "batch": batch}
-    for decoder in (["nvimgcodec", "nvjpeg"] if device.startswith("cuda") else ["cpu"]):
+    for decoder in ((decoders or ["nvimgcodec", "nvjpeg"]) if device.startswith("cuda") else ["cpu"]):
         try:
             det = Detector({"model": model, "engine": "torch", "device": device, "precision": prec,
                             "batch_size": batch, "conf": 0.25, "image_decoder": decoder,
@@ -801,6 +802,8 @@ def main() -> int:
     ap.add_argument("--cpu-workers", type=int, default=os.cpu_count())
     ap.add_argument("--sections", default="engine,decode,detector,ready,e2e")
     ap.add_argument("--e2e", default=None, help="names of the E2E_VARIANTS to run (default all)")
+    ap.add_argument("--detector-decoders", default="nvimgcodec,nvjpeg", help="GPU decoders of the detector section")
+    ap.add_argument("--detector-sets", default="coco640,photos", help="datasets of the detector section")
     ap.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
     args = ap.parse_args()
     if args.quick:
@@ -855,7 +858,9 @@ def main() -> int:
         "decode": lambda: bench_decode(sets, args.device, args.batch, args.cpu_workers,
                                        n_gpu=min(args.files, 2000), n_cpu=min(args.files, 800)),
         "h2d": lambda: bench_h2d(args.model, sets, args.device, work, n=min(args.files, 256)),
-        "detector": lambda: bench_detector(args.model, sets, args.device, args.batch, min(args.files, 2048), work),
+        "detector": lambda: bench_detector(args.model, {k: v for k, v in sets.items() if k in args.detector_sets.split(",")},
+                                           args.device, args.batch, min(args.files, 2048), work,
+                                           args.detector_decoders.split(",")),
         "ready": lambda: ready_times(args.model, args.device, args.batch, work),
         "e2e": lambda: bench_e2e(args.model, sets, args.device, args.batch, variants, work),
     }
@@ -881,6 +886,8 @@ E2E_VARIANTS = [
     {"name": "compiled_t2_r256_again", "actor_concurrency": 2, "rows_per_call": 256},  # warm cache
     {"name": "compiled_t3_r512", "actor_concurrency": 3, "rows_per_call": 512},
     {"name": "compiled_2actors_t2_r256", "actors": 2, "actor_concurrency": 2, "rows_per_call": 256},
+    {"name": "compiled_3actors_t2_r256", "actors": 3, "actor_concurrency": 2, "rows_per_call": 256},
+    {"name": "nvimg_3actors_t2_r256", "decoder": "nvimgcodec", "actors": 3, "actor_concurrency": 2, "rows_per_call": 256},
     {"name": "compiled_b128_t2_r512", "batch": 128, "actor_concurrency": 2, "rows_per_call": 512},
     {"name": "eager_t2_r256", "compile": "off", "actor_concurrency": 2, "rows_per_call": 256},
     {"name": "photos_compiled_t2_r256", "set": "photos", "actor_concurrency": 2, "rows_per_call": 256},

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import io
 import os
+import threading
 import warnings
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -44,9 +45,13 @@ from raydetect.stages import PreparedBatch
 
 __all__ = ["GPU_DECODERS", "GpuPreprocessor", "PreparedBatch", "letterbox_tensors", "nvimgcodec_status"]
 
-#: JPEG decoders of the GPU path, best first: nvImageCodec (the GPU's hardware JPEG engines,
-#: NVJPG, with its CUDA decoder as fallback: 21.8k 640x480 JPEGs/s on an H200 against 18.4k for
-#: torchvision's nvJPEG), torchvision's nvJPEG (CUDA kernels), or none (every image on the CPU).
+#: JPEG decoders of the GPU path: torchvision's nvJPEG (CUDA kernels; what ``auto`` picks),
+#: nvImageCodec (the GPU's hardware JPEG engines, NVJPG, with its CUDA decoder as fallback;
+#: opt-in), or none (every image on the CPU). nvImageCodec alone decodes more 640x480 JPEGs per
+#: second (21.8k vs 18.4k on an H200), but inside the detector's prepare stage it measured slower
+#: (0.142 vs 0.112 ms per image, H100, benchmarks/results/gpu_pipeline.md), and one decoder
+#: object must not decode from two threads at once (its hardware decoder failed with "nvjpeg error
+#: #6" in a threaded Ray actor): calls are serialised per preprocessor.
 GPU_DECODERS = ("auto", "nvimgcodec", "nvjpeg", "cpu")
 
 
@@ -221,8 +226,8 @@ class GpuPreprocessor:
     """Decode + letterbox a list of images (encoded bytes, uint8 BGR arrays, or RGB ``[3, h, w]``
     uint8 tensors already on the device, e.g. decoded video frames) on ``device``.
 
-    ``decoder``: ``auto`` picks nvImageCodec where it is installed, else torchvision's nvJPEG,
-    when the device is CUDA; ``cpu`` (and any decoder on a CPU device, for tests) sends every
+    ``decoder``: ``auto`` picks torchvision's nvJPEG when the device is CUDA (``nvimgcodec``:
+    nvImageCodec, where installed); ``cpu`` (and any decoder on a CPU device, for tests) sends every
     image to the CPU decoder, and only the letterbox runs in torch. ``nvjpeg=False`` is the old
     spelling of ``decoder='cpu'``."""
 
@@ -252,12 +257,13 @@ class GpuPreprocessor:
                 raise ValueError(f"decoder {decoder!r} needs a CUDA device")
             decoder = "cpu"
         if decoder == "auto":
-            decoder = "nvimgcodec" if nvimgcodec_status() is None else "nvjpeg"
+            decoder = "nvjpeg"
         elif decoder == "nvimgcodec" and (why := nvimgcodec_status()) is not None:
             raise ValueError(why)
         #: the GPU JPEG decoder in use: "nvimgcodec", "nvjpeg" or "cpu" (none)
         self.decoder = decoder
         self._nvimg = None  # nvImageCodec decoder and its decode parameters, made at first use
+        self._nvimg_lock = threading.Lock()  # one decode at a time per nvImageCodec decoder
         self.progressive_on_gpu = progressive_on_gpu
         #: CPU decodes (fallbacks) run in these threads (OpenCV releases the GIL), while
         #: nvJPEG decodes the rest of the batch.
@@ -385,8 +391,9 @@ class GpuPreprocessor:
         dec, params = self._nvimg
         stream = torch.cuda.current_stream(self.device)
         try:
-            imgs = dec.decode([nvimgcodec.CodeStream(d) for d in datas], params=params,
-                              cuda_stream=stream.cuda_stream)
+            with self._nvimg_lock:
+                imgs = dec.decode([nvimgcodec.CodeStream(d) for d in datas], params=params,
+                                  cuda_stream=stream.cuda_stream)
         except Exception as e:
             res.notes.append(f"nvImageCodec batch decode failed ({type(e).__name__}: {e}); trying nvJPEG")
             return self._nvjpeg(datas, res)

@@ -316,6 +316,7 @@ def test_compiled_detector_detections_vs_cpu_path(compile_cache):
     assert det.info()["compile"] == "inductor" and det.stages == ("gpu", "torch")
     got, t = det.detect_timed(blobs)
     print("decoders:", t.decoders, "speed ms/image:", got[0].speed)
+    assert t.decoders.get("nvjpeg", 0) >= 24
     total = hit = 0
     for g, r in zip(got, ref, strict=True):
         assert (g.error, g.height, g.width) == (r.error, r.height, r.width)
@@ -344,8 +345,8 @@ def test_nvimgcodec_decode_vs_cpu_decode():
     variants = variant_jpegs(jpegs[1])
     defects = [p.read_bytes() for p in sorted((DEFECTS / "images" / "test").glob("*.jpg"))[:16]]  # grey baseline
     items = [*jpegs, *variants.values(), *defects]
-    pp = GpuPreprocessor((640, 640), device="cuda", decoder="auto")
-    assert pp.decoder == "nvimgcodec"
+    assert GpuPreprocessor((640, 640), device="cuda").decoder == "nvjpeg"  # auto: nvJPEG, as measured
+    pp = GpuPreprocessor((640, 640), device="cuda", decoder="nvimgcodec")
     decoded, rep = pp.decode(items)
     print("nvimgcodec:", rep.decoder_counts(), rep.notes)
     assert all(e is None for e in rep.errors), rep.errors
