@@ -1,12 +1,38 @@
 """raydetect: YOLO object detection over archived images and video with Ray, on CPUs and GPUs."""
 
-from raydetect.config import DetectorConfig, JobConfig, StorageConfig
+from raydetect.config import (
+    DetectorConfig,
+    JobConfig,
+    ServeConfig,
+    StorageConfig,
+    TensorRTConfig,
+    TorchConfig,
+    VideoConfig,
+)
 from raydetect.results import Results, read_results
 from raydetect.types import Detection, ImageResult
+from raydetect.version import __version__
 
-__version__ = "0.1.0"
+
+def __getattr__(name: str):
+    """``Detector``, ``run_job`` and ``app_builder`` are exported lazily (PEP 562), so that
+    ``import raydetect`` stays light (no Ray, torch or ONNX Runtime until one is used)."""
+    if name == "Detector":
+        from raydetect.detector import Detector
+
+        return Detector
+    if name == "run_job":
+        from raydetect.job import run_job
+
+        return run_job
+    if name == "app_builder":
+        from raydetect.serve import app_builder
+
+        return app_builder
+    raise AttributeError(f"module 'raydetect' has no attribute {name!r}")
 
 __all__ = [
-    "Detection", "DetectorConfig", "ImageResult", "JobConfig", "Results", "StorageConfig", "__version__",
-    "read_results",
+    "Detection", "Detector", "DetectorConfig", "ImageResult", "JobConfig", "Results", "ServeConfig",
+    "StorageConfig", "TensorRTConfig", "TorchConfig", "VideoConfig", "__version__", "app_builder",
+    "read_results", "run_job",
 ]

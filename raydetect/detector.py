@@ -293,7 +293,7 @@ class Detector:
             p, nxt = nxt, None
             for j, (err, size) in enumerate(zip(p.errors, p.sizes, strict=True)):
                 if err is not None:
-                    results[s + j].error = err
+                    results[s + j].fail(err, (p.kinds[j] if p.kinds else None) or "input")
                 elif size is not None:
                     results[s + j].height, results[s + j].width = size
             ids = [s + r for r in p.rows]
@@ -306,7 +306,7 @@ class Detector:
                 except Exception as e:
                     log.exception("engine failed on a batch of %d", len(ids))
                     for i in ids:
-                        results[i].error = f"inference failed: {type(e).__name__}: {e}"
+                        results[i].fail(f"inference failed: {type(e).__name__}: {e}", "engine")
             t2 = time.perf_counter()
             if overlap and k + 1 < len(starts):
                 nxt = prepare(starts[k + 1])  # the host's part of chunk k+1 while the GPU runs chunk k
@@ -326,7 +326,7 @@ class Detector:
                 except Exception as e:
                     log.exception("postprocessing failed on a batch of %d", len(ids))
                     for i in ids:
-                        results[i].error = f"inference failed: {type(e).__name__}: {e}"
+                        results[i].fail(f"inference failed: {type(e).__name__}: {e}", "engine")
                 t.infer += t2 - t1
                 t.postprocess += time.perf_counter() - t3
                 t.batches += 1

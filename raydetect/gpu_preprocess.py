@@ -308,10 +308,8 @@ class GpuPreprocessor:
             try:
                 bgr = job.result() if isinstance(job, Future) else self._decode_cpu(job)
                 decoded[i] = self._upload(bgr, res, i)
-            except ImageError as e:
-                res.errors[i] = str(e)
-            except Exception as e:  # a decoder bug must not kill the batch
-                res.errors[i] = f"decode failed: {type(e).__name__}: {e}"
+            except Exception as e:  # ImageError, or a decoder bug: it must not kill the batch
+                res.fail(i, e)
 
     def decode(
         self, images: Sequence[bytes | bytearray | memoryview | np.ndarray]
@@ -347,10 +345,8 @@ class GpuPreprocessor:
                             gpu_bytes.append(data)
                             continue
                 cpu.append((i, data))
-            except ImageError as e:
-                res.errors[i] = str(e)
-            except Exception as e:  # a decoder bug must not kill the batch
-                res.errors[i] = f"decode failed: {type(e).__name__}: {e}"
+            except Exception as e:  # ImageError, or a decoder bug: it must not kill the batch
+                res.fail(i, e)
         jobs = self._submit(cpu)  # CPU decodes run while nvJPEG works
         if gpu:
             refused = []
@@ -364,7 +360,7 @@ class GpuPreprocessor:
                     decoded[i] = t
                     res.decoder[i] = self.decoder
                 except ImageError as e:
-                    res.errors[i] = str(e)
+                    res.fail(i, e)
             jobs += self._submit(refused)
         self._collect(jobs, decoded, res)
         for i, t in enumerate(decoded):

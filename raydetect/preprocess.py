@@ -26,6 +26,11 @@ class ImageError(ValueError):
     """The input is not a usable image; the message is what goes into the error column."""
 
 
+def error_kind(e: BaseException) -> str:
+    """The :data:`~raydetect.types.ErrorKind` of an exception raised while reading an image."""
+    return "too_large" if isinstance(e, ImageTooLargeError) else "input"
+
+
 class ImageTooLargeError(ImageError):
     """The input exceeds ``max_bytes`` or ``max_pixels`` (the online endpoint answers 413)."""
 

@@ -24,7 +24,7 @@ from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.responses import JSONResponse
 from ray import serve
 
-from raydetect import __version__, serve_autoscale, serve_metrics
+from raydetect import serve_autoscale, serve_metrics
 from raydetect.config import ConfigError, DetectorConfig, ServeConfig, parse_replicas, validate
 from raydetect.detector import Detector
 from raydetect.serve_http import (
@@ -50,7 +50,8 @@ from raydetect.serve_http import (
 )
 from raydetect.serve_job import ARCHIVE_BUSY
 from raydetect.serve_metrics import ServeMetrics
-from raydetect.types import ImageResult
+from raydetect.types import ERROR_STATUS, ImageResult
+from raydetect.version import __version__
 
 log = logging.getLogger(__name__)
 
@@ -460,10 +461,10 @@ class DetectorServer:
         finally:
             if not job.taken:  # cancelled (timeout) before a batch took it
                 self._online_waiting -= 1
-        if result.error is not None:
-            if result.error.startswith("inference failed"):
+        if result.error is not None:  # the status comes from the error's kind, set where it was caught
+            if result.error_kind == "engine":
                 raise RuntimeError(result.error)  # the server's fault: 500
-            raise HTTPException(413 if "too large" in result.error else 400, result.error)
+            raise HTTPException(ERROR_STATUS[result.error_kind or "input"], result.error)
         return result, {"decode_ms": decode_ms, **timings}
 
     def _engine_idle(self) -> asyncio.Event:

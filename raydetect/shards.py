@@ -162,7 +162,7 @@ def plan_resume(fs, out_path: str, paths: Sequence[str], shard_size: int, uri_pr
 
 
 def make_manifest(*, model_sha256: str, input: str, settings: dict[str, Any], shard_size: int) -> dict:
-    from raydetect import __version__
+    from raydetect.version import __version__
 
     return {
         "manifest_version": MANIFEST_VERSION,

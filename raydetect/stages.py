@@ -24,7 +24,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from raydetect.postprocess import nms_output_rows, postprocess
-from raydetect.preprocess import ImageError, Letterbox, as_bgr, decode_image, letterbox, to_tensor
+from raydetect.preprocess import ImageError, Letterbox, as_bgr, decode_image, error_kind, letterbox, to_tensor
 from raydetect.types import HeadLayout, NMSOutput
 
 #: One image's rows: boxes xyxy [k, 4] float32 (letterboxed model pixels), scores [k] float32,
@@ -63,6 +63,17 @@ class PreparedBatch:
     nvjpeg: int = 0  # images decoded on the GPU (nvImageCodec or torchvision's nvJPEG)
     cpu_decoded: int = 0  # images decoded on the CPU (fallbacks and non-JPEG)
     notes: list[str] = field(default_factory=list)
+    kinds: list[str | None] = field(default_factory=list)  # per input: the error's ErrorKind
+
+    def fail(self, i: int, e: BaseException) -> None:
+        """Input ``i`` could not be prepared: its error text and kind (the CPU path's texts)."""
+        if isinstance(e, ImageError):
+            self.errors[i] = str(e)
+        else:  # a decoder bug must not kill the batch
+            self.errors[i] = f"decode failed: {type(e).__name__}: {e}"
+        if len(self.kinds) != len(self.errors):
+            self.kinds = [None] * len(self.errors)
+        self.kinds[i] = error_kind(e)
 
     def decoder_counts(self) -> dict[str, int]:
         return dict(Counter(d for d in self.decoder if d))
@@ -95,11 +106,8 @@ class CpuPreprocessor:
                 arr = self.decode(img)
                 res.sizes[i] = arr.shape[:2]
                 b, g = letterbox(arr, h, w)
-            except ImageError as e:
-                res.errors[i] = str(e)
-                continue
-            except Exception as e:  # a decoder bug must not kill the batch
-                res.errors[i] = f"decode failed: {type(e).__name__}: {e}"
+            except Exception as e:  # ImageError, or a decoder bug: it must not kill the batch
+                res.fail(i, e)
                 continue
             res.rows.append(i)
             res.geoms.append(g)

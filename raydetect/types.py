@@ -17,6 +17,13 @@ import pyarrow as pa
 #: Raw head layouts raydetect decodes (see :mod:`raydetect.postprocess`).
 HeadLayout = Literal["yolov8", "yolov5"]
 
+#: Why an image got no detections, set where the error is caught: ``input`` (bytes that are not
+#: a supported, intact image), ``too_large`` (over a byte or pixel limit), ``engine`` (inference
+#: or postprocessing failed: the server's side).
+ErrorKind = Literal["input", "too_large", "engine"]
+#: The HTTP status of each kind (the online endpoint).
+ERROR_STATUS: dict[str, int] = {"input": 400, "too_large": 413, "engine": 500}
+
 
 @dataclass(frozen=True)
 class NMSOutput:
@@ -130,9 +137,10 @@ class DetectionArray(Sequence):
 
 @dataclass(slots=True)
 class ImageResult:
-    """Detections for one input image (or video frame), or the error that prevented them.
+    """Detections for one input image (or video frame), or the error that prevented them
+    (``error``, and its :data:`ErrorKind` in ``error_kind``).
     ``speed``: milliseconds per image by stage of the call that made it (preprocess,
-    inference, postprocess), as Ultralytics' ``Results.speed``; not part of the output rows."""
+    inference, postprocess), as Ultralytics' ``Results.speed``; neither is part of the rows."""
 
     uri: str
     width: int | None = None
@@ -140,7 +148,10 @@ class ImageResult:
     detections: list[Detection] | DetectionArray = field(default_factory=list)
     error: str | None = None
     speed: dict[str, float] | None = None
+    error_kind: ErrorKind | None = None
 
+    def fail(self, message: str, kind: ErrorKind) -> None:
+        self.error, self.error_kind = message, kind
     @property
     def ok(self) -> bool:
         return self.error is None

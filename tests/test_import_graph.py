@@ -169,3 +169,18 @@ def test_every_module_imports_in_a_fresh_interpreter(order):
         names = names[::-1]
     r = _import_all(names)
     assert r.returncode == 0, r.stderr[-4000:]
+
+
+def test_package_exports_are_light_and_complete():
+    """``import raydetect`` pulls in neither Ray nor torch nor ONNX Runtime; every name in
+    ``__all__`` resolves (Detector, run_job and app_builder on first use)."""
+    code = ("import sys, raydetect; heavy = [m for m in ('ray', 'torch', 'onnxruntime') if m in sys.modules]; "
+            "assert not heavy, heavy; print(sorted(n for n in raydetect.__all__ if getattr(raydetect, n) is None))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]"
+    import raydetect
+
+    assert {"Detector", "run_job", "app_builder", "DetectorConfig", "JobConfig", "ServeConfig"} <= set(raydetect.__all__)
+    with pytest.raises(AttributeError):
+        raydetect.no_such_name  # noqa: B018

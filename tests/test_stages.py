@@ -57,6 +57,28 @@ def test_detector_uses_public_stages():
         assert det.to_detections(r, geom, h, w) == want[i].detections
 
 
+def test_error_kinds_are_set_where_the_error_is_caught():
+    """input / too_large / engine: what Serve maps to 400 / 413 / 500 (not the message text)."""
+    import onnxruntime as ort
+
+    from raydetect.types import ERROR_STATUS
+    from tests.test_model_card import tiny_model
+
+    det = Detector({"model": str(TRAINED), "max_pixels": 200_000, "threads": 2})
+    big = (MODELS.parent / "images" / "bus.jpg").read_bytes()  # 810x1080
+    ok = sorted((MODELS.parent / "defects" / "images" / "test").iterdir())[0].read_bytes()  # 780x144
+    res = det.detect([ok, b"\xff\xd8\xff garbage", big])
+    assert res[0].error is None and res[0].error_kind is None
+    assert res[1].error_kind == "input" and ERROR_STATUS[res[1].error_kind] == 400
+    assert res[2].error_kind == "too_large" and ERROR_STATUS[res[2].error_kind] == 413, res[2].error
+
+    # the runtime itself fails: ONNX Runtime given a session whose graph takes 32x32 inputs
+    det.engine.session = ort.InferenceSession(tiny_model(), providers=["CPUExecutionProvider"])
+    res = det.detect([ok])
+    assert res[0].error_kind == "engine" and ERROR_STATUS["engine"] == 500
+    assert res[0].error.startswith("inference failed: "), res[0].error
+
+
 def test_engine_rows_postprocessor_keeps_conf_and_max_det():
     from raydetect.types import NMSOutput
 
