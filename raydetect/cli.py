@@ -216,7 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="raydetect", description="YOLO object detection over images and video with Ray"
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="debug logging, and Ray's own output (start-up, Ray Data's execution plan and "
+                             "progress tables), which is hidden by default")
     sub = parser.add_subparsers(dest="command", required=True)
     for _, module in SUBCOMMANDS:
         importlib.import_module(module).add_cli(sub)
@@ -226,6 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from raydetect.ray_logging import set_verbose
+
+    set_verbose(args.verbose)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

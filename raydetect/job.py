@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import logging
 import queue
+import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -323,6 +324,13 @@ def run_images(cfg: JobConfig, in_fs, out_fs, out_path: str, plan: sh.ShardPlan,
     done = 0
     hb.total = len(pending)
     hb.beat("running shards", 0)
+    # In a terminal Ray Data draws its progress bars; elsewhere (logs, pipes) its progress is
+    # INFO logging, hidden unless -v (raydetect/ray_logging.py): a line every 10 s instead.
+    bar = None
+    if cfg.progress and not sys.stdout.isatty():
+        from raydetect.progress import Progress
+
+        bar = Progress("detect", total=len(pending), unit="images", tty=False)
     if bad:
         writer.add(error_rows(bad, uri_prefix, model_sha256, cfg.detector.precision))
         done = len(bad)
@@ -354,9 +362,13 @@ def run_images(cfg: JobConfig, in_fs, out_fs, out_path: str, plan: sh.ShardPlan,
                 writer.add(item)
                 done += item.num_rows
                 hb.beat(done=done)
+                if bar is not None:
+                    bar.update_to(done)
                 timeline.append((time.perf_counter() - t0, done))
         finally:
             stop.set()
+    if bar is not None:
+        bar.close()
     writer.close()
     return writer.stats
 
@@ -393,6 +405,7 @@ def run_job(cfg: JobConfig, *, overwrite: bool = False) -> JobSummary:
 def _run_job(cfg: JobConfig, overwrite: bool, hb: Heartbeat) -> JobSummary:
     import ray
 
+    from raydetect.ray_logging import init_ray
     from raydetect.video.pipeline import run_video_job, split_videos
 
     t_start = time.perf_counter()
@@ -420,7 +433,7 @@ def _run_job(cfg: JobConfig, overwrite: bool, hb: Heartbeat) -> JobSummary:
                              f"(e.g. {show(videos[0])}): run them without --via-serve")
         hb.beat(f"connecting to the Serve application {cfg.via_serve}")
         if not ray.is_initialized():
-            ray.init(logging_level=logging.WARNING)
+            init_ray()  # quiet unless -v (raydetect/ray_logging.py)
         from raydetect.serve_job import connect
 
         _, serve_info = connect(cfg.via_serve)
@@ -433,7 +446,7 @@ def _run_job(cfg: JobConfig, overwrite: bool, hb: Heartbeat) -> JobSummary:
     if plan.pending or videos:
         hb.beat("starting Ray and waiting for actor resources")
         if not ray.is_initialized():
-            ray.init(logging_level=logging.WARNING)
+            init_ray()  # quiet unless -v (raydetect/ray_logging.py)
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = cfg.progress
         from raydetect.resources import wait_for_actor_resources
