@@ -423,9 +423,12 @@ def quantize_from_table(
     metadata: dict[str, str] | None = None,
     quant_format: str = "QDQ",
     op_types: Sequence[str] | None = None,
+    declared_io: dict[str, list[int | str]] | None = None,
 ) -> None:
     """Write the QDQ model for ``card`` quantized with the ranges of ``table`` to the local
-    file ``out_path``; ``exclude`` nodes stay float. ``quant_format`` "QOperator" and a
+    file ``out_path``; ``exclude`` nodes stay float. ``declared_io`` (:func:`declared_io`):
+    the input/output shapes the source export declares, written back into the QDQ model (the
+    quantizer works on the card's dynamic-batch graph). ``quant_format`` "QOperator" and a
     restricted ``op_types`` exist for comparisons (benchmarks/int8_variants.py)."""
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static, save_tensors_data
 
@@ -458,6 +461,8 @@ def quantize_from_table(
             extra_options={"ActivationSymmetric": activations == "int8", "WeightSymmetric": True},
         )
     m = onnx.load_model(out_path)
+    if declared_io:
+        restore_declared_io(m, declared_io)
     if compact_names:
         compact_qdq_names(m)
     if metadata:
@@ -467,6 +472,36 @@ def quantize_from_table(
         for k, v in props.items():
             m.metadata_props.add(key=k, value=v)
     onnx.save_model(m, out_path)
+
+
+def declared_io(raw: bytes, card: ModelCard) -> dict[str, list[int | str]]:
+    """The shapes the source export declares for the card's input and detection output
+    (``[1, 3, 640, 640]`` for a static Ultralytics export; names for dynamic dims)."""
+    from raydetect.model_card import _dims
+
+    g = onnx.load_model_from_string(raw).graph
+    return {vi.name: _dims(vi) for vi in [*g.input, *g.output] if vi.name in (card.input_name, card.output_name)}
+
+
+def restore_declared_io(model: onnx.ModelProto, declared: dict[str, list[int | str]]) -> None:
+    """Give the graph inputs/outputs named in ``declared`` those shapes again, so the INT8 model
+    declares what the source declared (a static batch of 1 stays 1: tools that size their
+    batches from the declaration, such as Ultralytics' ``val``, read it as they read the source;
+    raydetect rewrites the batch dimension at load, as for the source). The intermediate shape
+    annotations (``value_info``) of the dynamic graph are dropped; ONNX Runtime infers them."""
+    for vi in [*model.graph.input, *model.graph.output]:
+        dims = declared.get(vi.name)
+        if dims is None:
+            continue
+        shape = vi.type.tensor_type.shape
+        del shape.dim[:]
+        for d in dims:
+            dim = shape.dim.add()
+            if isinstance(d, int):
+                dim.dim_value = d
+            elif d != "?":  # "?": declared without a value or a name
+                dim.dim_param = d
+    del model.graph.value_info[:]
 
 
 @contextlib.contextmanager
@@ -591,7 +626,9 @@ def quantize(cfg: QuantizeConfig | dict[str, Any], *, progress: bool = False) ->
         cfg = validate(QuantizeConfig, cfg, "quantize")
     t_start = time.perf_counter()
     storage = cfg.storage
-    card = ModelCard.load(cfg.model, storage)  # not a YOLO export → UnsupportedModelError
+    raw = read_model_bytes(cfg.model, storage)
+    card = ModelCard.from_bytes(raw, cfg.model)  # not a YOLO export → UnsupportedModelError
+    declared = declared_io(raw, card)
     from raydetect.engines.onnxruntime import is_quantized
 
     if is_quantized(card.onnx_bytes):
@@ -638,7 +675,7 @@ def quantize(cfg: QuantizeConfig | dict[str, Any], *, progress: bool = False) ->
                 card, table, out_local, exclude=exclusions, per_channel=cfg.per_channel,
                 activations=cfg.activations, reduce_range=cfg.reduce_range, workdir=work,
                 compact_names=cfg.compact_names,
-                metadata=_provenance(cfg, method, exclusions, table),
+                metadata=_provenance(cfg, method, exclusions, table), declared_io=declared,
             )
             att = Attempt(method=method, table=None)
             int8 = None
@@ -701,7 +738,7 @@ def quantize(cfg: QuantizeConfig | dict[str, Any], *, progress: bool = False) ->
         max_map_drop=cfg.max_map_drop if dataset is not None else None,
         drop_points=att.drop_points,
         passed=att.passed,
-        fp32_bytes=len(read_model_bytes(cfg.model, storage)),
+        fp32_bytes=len(raw),
         int8_bytes=int8_bytes,
         seconds=time.perf_counter() - t_start,
     )
