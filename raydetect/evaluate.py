@@ -19,9 +19,11 @@ have ground truth, 101-point interpolation). Differences to Ultralytics' ``val``
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import logging
+import os
 import posixpath
 import time
 from collections.abc import Callable, Sequence
@@ -610,6 +612,100 @@ def evaluate_config(
         detector.engine.close()
 
 
+# --- cache of evaluations (quantize reuses an FP32 evaluation it already has) -----------------
+
+#: environment variable naming the evaluation cache directory (default ~/.cache/raydetect/eval)
+EVAL_CACHE_ENV = "RAYDETECT_EVAL_CACHE"
+EVAL_CACHE_FORMAT = "raydetect-eval-cache/1"
+
+
+def default_eval_cache() -> str:
+    return os.environ.get(EVAL_CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "raydetect", "eval")
+
+
+def eval_key(
+    model_sha256: str,
+    dataset: LabelledSet,
+    *,
+    engine: str,
+    precision: str,
+    conf: float,
+    iou: float,
+    max_det: int,
+    limit: int | None,
+    seed: int,
+    max_pixels: int | None = None,
+    storage: StorageConfig | None = None,
+) -> tuple[str, dict[str, Any]]:
+    """``(key, fields)`` naming one evaluation: the model's sha256, the images evaluated (the
+    seeded ``limit`` sample: their URIs and ground truth, i.e. the label files' bytes or the
+    COCO boxes), the engine and precision, and the settings that change the result (conf, NMS
+    IoU, max_det, max_pixels). Batch size and threads are left out (same boxes)."""
+    items = subset(dataset.images, limit, seed)
+    h = hashlib.sha256()
+    for it in items:
+        h.update(it.uri.encode() + b"\0")
+        if it.boxes is not None:
+            h.update(json.dumps([asdict(b) for b in it.boxes]).encode())
+        elif it.label_uri:
+            fs, path = filesystem(it.label_uri, storage)
+            try:
+                with fs.open(path, "rb") as f:
+                    h.update(f.read())
+            except FileNotFoundError:
+                h.update(b"<no label file>")
+        h.update(b"\1")
+    fields = {
+        "model_sha256": model_sha256,
+        "data": dataset.source,
+        "split": dataset.split,
+        "images": len(items),
+        "images_sha256": h.hexdigest(),
+        "engine": engine,
+        "precision": precision,
+        "conf": float(conf),
+        "iou": float(iou),
+        "max_det": int(max_det),
+        "max_pixels": max_pixels,
+    }
+    key_fields = {k: v for k, v in fields.items() if k not in ("data", "split")}  # content, not names
+    key = hashlib.sha256(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()[:32]
+    return key, fields
+
+
+def _report_from_dict(d: dict[str, Any]) -> EvalReport:
+    d = dict(d)
+    d["per_class"] = [ClassAP(**c) for c in d["per_class"]]
+    return EvalReport(**d)
+
+
+def load_cached_eval(cache_dir: str, key: str) -> tuple[EvalReport, str] | None:
+    """The cached report for ``key`` and its path, or None (missing or unreadable entry)."""
+    path = os.path.join(cache_dir, f"{key}.json")
+    try:
+        with open(path) as f:
+            doc = json.load(f)
+        if doc.get("format") != EVAL_CACHE_FORMAT or doc.get("key") != key:
+            return None
+        return _report_from_dict(doc["report"]), path
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        if not isinstance(e, FileNotFoundError):
+            log.warning("evaluation cache %s unreadable (%s); evaluating again", path, e)
+        return None
+
+
+def store_eval(cache_dir: str, key: str, fields: dict[str, Any], report: EvalReport) -> str:
+    """Write ``report`` under ``key`` (atomically); returns the path."""
+    os.makedirs(cache_dir, exist_ok=True)
+    path = os.path.join(cache_dir, f"{key}.json")
+    doc = {"format": EVAL_CACHE_FORMAT, "key": key, "fields": fields, "report": report.as_dict()}
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        f.write(json.dumps(doc, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
 def write_report(report: EvalReport | dict, path: str, storage: StorageConfig | None = None) -> None:
     data = report.as_dict() if isinstance(report, EvalReport) else report
     fs, p = filesystem(path, storage)
@@ -639,6 +735,10 @@ def add_cli(sub) -> None:
                    help="evaluate N images drawn at random with --seed (default: all)")
     p.add_argument("--seed", type=int, default=0, help="seed of the --limit sample (default 0)")
     p.add_argument("--report", default=None, help="write the JSON report here (per-class AP included)")
+    p.add_argument("--eval-cache", default=None, metavar="DIR",
+                   help=f"also keep the result here, keyed by model sha256, images and settings, for "
+                        f"raydetect quantize to reuse (default ${EVAL_CACHE_ENV} or ~/.cache/raydetect/eval)")
+    p.add_argument("--no-eval-cache", action="store_true", help="do not write the evaluation cache")
     # Ultralytics' val settings, as defaults that --help shows
     add_detector_args(p, defaults={"conf": VAL_CONF, "iou": VAL_IOU, "max_det": VAL_MAX_DET})
     add_storage_args(p)
@@ -674,6 +774,11 @@ def _run_cli(args, cfg, storage) -> int:
         report = evaluate_config(cfg, dataset, limit=args.limit, seed=args.seed, progress=progress)
     print(report.table())
     print(report.line())
+    if not args.no_eval_cache and not report.errors:
+        key, fields = eval_key(report.model_sha256, dataset, engine=report.engine, precision=report.precision,
+                               conf=cfg.conf, iou=cfg.iou, max_det=cfg.max_det, limit=args.limit,
+                               seed=args.seed, max_pixels=cfg.max_pixels, storage=storage)
+        log.debug("evaluation cached: %s", store_eval(args.eval_cache or default_eval_cache(), key, fields, report))
     if args.report:
         write_report(report, args.report, storage)
         print(f"report: {args.report}")

@@ -36,7 +36,7 @@ import numpy as np
 import onnx
 from pydantic import BaseModel, ConfigDict, Field
 
-from raydetect.config import DEFAULT_IMAGE_EXTENSIONS, ConfigError, StorageConfig, validate
+from raydetect.config import DEFAULT_IMAGE_EXTENSIONS, ConfigError, DetectorConfig, StorageConfig, validate
 from raydetect.errors import RaydetectError
 from raydetect.model_card import ModelCard
 from raydetect.preprocess import ImageError, decode_image, letterbox, to_tensor
@@ -93,6 +93,12 @@ class QuantizeConfig(BaseModel):
     eval_limit: int | None = Field(None, ge=1, description="Evaluate N images of eval_data (seeded)")
     max_map_drop: float = Field(1.0, ge=0.0, le=100.0, description="Max mAP@0.5 drop in points")
     try_methods: bool = False
+    eval_cache: str | None = Field(
+        None, description="Directory of cached evaluations (default $RAYDETECT_EVAL_CACHE or ~/.cache/raydetect/eval)"
+    )
+    reuse_fp32: bool = Field(
+        True, description="Reuse a cached FP32 evaluation of the same model, images and settings (and cache a new one)"
+    )
     threads: int | None = Field(None, ge=1, le=512)
     extensions: tuple[str, ...] = DEFAULT_IMAGE_EXTENSIONS
     storage: StorageConfig = StorageConfig()
@@ -595,6 +601,7 @@ class QuantizeReport:
     fp32_bytes: int
     int8_bytes: int | None
     seconds: float
+    fp32_reused: str | None = None  # the cached FP32 evaluation used instead of evaluating again
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -652,6 +659,7 @@ def quantize(cfg: QuantizeConfig | dict[str, Any], *, progress: bool = False) ->
 
     dataset = None
     fp32 = None
+    fp32_reused = None
     if cfg.eval_data:
         from raydetect.evaluate import load_dataset
 
@@ -683,10 +691,7 @@ def quantize(cfg: QuantizeConfig | dict[str, Any], *, progress: bool = False) ->
                 from raydetect.evaluate import evaluate_model
 
                 if fp32 is None:
-                    with step("FP32 evaluation") as bar:
-                        fp32 = evaluate_model(cfg.model, dataset, engine="onnxruntime", limit=cfg.eval_limit,
-                                              seed=cfg.seed, threads=cfg.threads, storage=storage, progress=bar)
-                    log.info("FP32: %s", fp32.line())
+                    fp32, fp32_reused = _fp32_evaluation(cfg, card, dataset, step)
                 with step(f"INT8 evaluation ({method})") as bar:
                     int8 = evaluate_model(out_local, dataset, engine="onnxruntime", limit=cfg.eval_limit,
                                           seed=cfg.seed, threads=cfg.threads, storage=storage, progress=bar)
@@ -741,7 +746,48 @@ def quantize(cfg: QuantizeConfig | dict[str, Any], *, progress: bool = False) ->
         fp32_bytes=len(raw),
         int8_bytes=int8_bytes,
         seconds=time.perf_counter() - t_start,
+        fp32_reused=fp32_reused,
     )
+
+
+def _fp32_evaluation(cfg: QuantizeConfig, card: ModelCard, dataset, step) -> tuple[Any, str | None]:
+    """The FP32 evaluation of the gate: from the evaluation cache when it holds one of the same
+    model (sha256), images (sample, ground truth) and settings (``raydetect eval`` and earlier
+    ``quantize`` runs write it), else evaluated now and cached. Returns (report, cache path if
+    reused)."""
+    from raydetect.evaluate import (
+        VAL_CONF,
+        VAL_IOU,
+        VAL_MAX_DET,
+        default_eval_cache,
+        eval_key,
+        evaluate_model,
+        load_cached_eval,
+        store_eval,
+    )
+
+    cache = cfg.eval_cache or default_eval_cache()
+    key = fields = None
+    if cfg.reuse_fp32:
+        key, fields = eval_key(card.sha256, dataset, engine="onnxruntime", precision="fp32", conf=VAL_CONF,
+                               iou=VAL_IOU, max_det=VAL_MAX_DET, limit=cfg.eval_limit, seed=cfg.seed,
+                               max_pixels=DetectorConfig.model_fields["max_pixels"].default, storage=cfg.storage)
+        hit = load_cached_eval(cache, key)
+        if hit is not None:
+            fp32, path = hit
+            log.info("FP32: reusing the evaluation in %s (model %s…, same %d images and settings; "
+                     "--no-reuse-fp32 evaluates again): %s", path, card.sha256[:12], fp32.images, fp32.line())
+            return fp32, path
+    with step("FP32 evaluation") as bar:
+        fp32 = evaluate_model(cfg.model, dataset, engine="onnxruntime", limit=cfg.eval_limit, seed=cfg.seed,
+                              threads=cfg.threads, storage=cfg.storage, progress=bar)
+    log.info("FP32: %s", fp32.line())
+    if key is not None and not fp32.errors:
+        try:
+            store_eval(cache, key, fields, fp32)
+        except OSError as e:
+            log.warning("could not cache the FP32 evaluation in %s: %s", cache, e)
+    return fp32, None
 
 
 def _rank(a: Attempt) -> tuple[bool, float]:
@@ -818,6 +864,12 @@ def add_cli(sub) -> None:
     p.add_argument("--max-map-drop", type=float, default=1.0, help="max mAP@0.5 drop in points (default 1.0)")
     p.add_argument("--try-methods", action="store_true", help="try every method, keep the best passing one")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for evaluation")
+    p.add_argument("--eval-cache", default=None, metavar="DIR",
+                   help="cached evaluations (default $RAYDETECT_EVAL_CACHE or ~/.cache/raydetect/eval): an FP32 "
+                        "evaluation of the same model sha256, images and settings there (from raydetect eval or "
+                        "an earlier quantize) is reused instead of evaluating FP32 again")
+    p.add_argument("--no-reuse-fp32", action="store_true",
+                   help="evaluate FP32 again even when the cache has it")
     p.add_argument("--report", default=None, help="write the JSON report here")
     add_storage_args(p)
     p.set_defaults(func=_cli)
@@ -848,6 +900,8 @@ def _cli(args) -> int:
             "eval_limit": args.eval_limit,
             "max_map_drop": args.max_map_drop,
             "try_methods": args.try_methods,
+            "eval_cache": args.eval_cache,
+            "reuse_fp32": not args.no_reuse_fp32,
             "threads": args.threads,
             "storage": storage_config(args),
         },
@@ -864,6 +918,8 @@ def _cli(args) -> int:
           f"{'float-tail' if report.exclusion_rule else 'none'}): {', '.join(report.exclusions)}")
     print(f"calibration: {report.calibration['used']} images from {cfg.calib} (seed {cfg.seed}), "
           f"{len(report.calibration['unreadable'])} unreadable skipped")
+    if report.fp32_reused:
+        print(f"FP32 evaluation: reused {report.fp32_reused} (same model, images and settings)")
     for a in report.attempts:
         if a.passed is None:
             print(f"method {a.method}: quantized (no --eval-data, no gate)")

@@ -293,3 +293,43 @@ def test_try_methods_keeps_the_best_passing_method(tmp_path, data_dir):
     assert json.loads(ModelCard.load(rep.out).metadata["raydetect_quantization"])["method"] == best.method
     with pytest.raises(ConfigError, match="try_methods: needs eval_data"):
         quantize({"model": MODEL, "calib": str(d), "images": 4, "out": str(tmp_path / "x.onnx"), "try_methods": True})
+
+
+def test_fp32_evaluation_is_reused_from_eval_and_earlier_runs(tmp_path, caplog, data_dir):
+    """The documented flow: ``raydetect eval`` then ``raydetect quantize`` on the same model,
+    images and settings evaluates FP32 once; so does a second quantize run."""
+    import logging
+
+    from raydetect.cli import main
+
+    cache = tmp_path / "cache"
+    rc = main(["eval", "--model", MODEL, "--data", DATA_YAML, "--split", "test", "--limit", "8",
+               "--eval-cache", str(cache), "--report", str(tmp_path / "eval.json")])
+    assert rc == 0
+    entries = list(cache.glob("*.json"))
+    assert len(entries) == 1
+    evaluated = json.loads((tmp_path / "eval.json").read_text())
+
+    opts = {"model": MODEL, "calib": TRAIN, "images": 4, "eval_data": DATA_YAML, "eval_limit": 8,
+            "max_map_drop": 100.0, "eval_cache": str(cache)}
+    caplog.set_level(logging.INFO, logger="raydetect.quantize")
+    first = quantize({**opts, "out": str(tmp_path / "a.onnx")})
+    assert first.fp32_reused == str(entries[0])  # eval's result, not a new FP32 evaluation
+    assert "FP32: reusing the evaluation in" in caplog.text
+    assert first.fp32["map50"] == evaluated["map50"] and first.fp32["images"] == 8
+    assert first.int8["precision"] == "int8" and first.int8["images"] == 8  # INT8 is evaluated
+
+    # another sample (other seed): evaluated, then cached, then reused by the next run
+    caplog.clear()
+    other = quantize({**opts, "out": str(tmp_path / "b.onnx"), "seed": 1})
+    assert other.fp32_reused is None and "FP32: mAP@0.5" in caplog.text
+    assert len(list(cache.glob("*.json"))) == 2
+    caplog.clear()
+    again = quantize({**opts, "out": str(tmp_path / "c.onnx"), "seed": 1})
+    assert again.fp32_reused is not None and "FP32: mAP@0.5" not in caplog.text
+    assert again.fp32 == other.fp32
+    # --no-reuse-fp32 evaluates again
+    caplog.clear()
+    fresh = quantize({**opts, "out": str(tmp_path / "d.onnx"), "seed": 1, "reuse_fp32": False})
+    assert fresh.fp32_reused is None and "FP32: mAP@0.5" in caplog.text
+    assert fresh.fp32["map50"] == other.fp32["map50"]

@@ -168,6 +168,9 @@ def check_accuracy(r: Run) -> None:
         assert (r.cwd / f).exists(), r.fail(f"{f} not written")
     report = json.loads((r.cwd / "eval_fp32.json").read_text())
     assert report["images_evaluated"] == 16 and report["per_class"], report.keys()
+    # quantize reuses eval's FP32 evaluation (same model, images and settings)
+    assert "FP32 evaluation: reused" in r.out, r.fail("FP32 evaluated again")
+    assert json.loads((r.cwd / "quantize.json").read_text())["fp32_reused"]
 
 
 #: block key (a unique substring of the block) → how to run and check it
