@@ -595,20 +595,28 @@ def run_forever(cfg: ServeConfig) -> None:
         use_ingress(cfg.ingress, drain_s=2.0)
         if own_ray:  # private ports and HAProxy files: other instances on this host stay apart
             ingress += " (" + isolate(cfg, Path(private.name)) + ")"
-        ray.init(logging_level=logging.WARNING)
+        from raydetect.ray_logging import init_ray
+
+        init_ray()  # Ray's start-up noise hidden unless -v (raydetect/ray_logging.py)
     # SIGTERM (kill, systemd, docker stop) stops like Ctrl-C: exit 0, no stack dump. Set after
     # ray.init, whose driver handler would exit with status 15.
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _sigterm_as_ctrl_c)
+    http_options = {
+        "host": cfg.host,
+        "port": cfg.port,
+        # a backstop behind the replica's own timeout (which answers 504)
+        "request_timeout_s": cfg.timeout_s + 10.0,
+    }
     try:
-        serve.start(
-            http_options={
-                "host": cfg.host,
-                "port": cfg.port,
-                # a backstop behind the replica's own timeout (which answers 504)
-                "request_timeout_s": cfg.timeout_s + 10.0,
-            }
-        )
+        try:
+            serve.start(http_options=http_options)
+        except (ray.exceptions.RayError, TimeoutError) as e:
+            # a proxy too slow to start on a loaded machine is killed and restarted by Serve's
+            # controller: wait for the new one once before giving up
+            log.warning("raydetect serve: the HTTP proxy did not start (%s); waiting for its restart",
+                        str(e).splitlines()[0][:200])
+            serve.start(http_options=http_options)
         serve.run(build_app(cfg), name=cfg.name, route_prefix=cfg.route_prefix)
         url = f"http://{cfg.host}:{cfg.port}{cfg.route_prefix.rstrip('/')}"
         print(

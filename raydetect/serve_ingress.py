@@ -35,11 +35,14 @@ INGRESS_ENV: dict[str, dict[str, str]] = {
 DRAIN_ENV = "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"
 
 #: Serve gives a starting proxy (HAProxy's manager actor too) this long to report ready, then
-#: kills it, and ``serve.start`` fails with ``ActorDiedError``. Ray's 5 s default was too short
-#: on a loaded 2-core machine with two instances starting (CI, 2026-12-05); 30 s is what we set
-#: unless the user set their own.
+#: kills it, and ``serve.start`` fails with ``ActorDiedError``; HAProxy itself gets
+#: ``RAY_SERVE_HAPROXY_STARTUP_TIMEOUT_S`` to take over its admin socket. Ray's 5 s and 30 s
+#: were too short on a loaded 2-core machine with two instances starting (CI, 2026-12-05; the
+#: suite beside two helpers' jobs, 2026-12-07). ``serve.start`` itself waits at most 60 s
+#: (Ray's HTTP_PROXY_TIMEOUT), so both are set to that unless the user set their own.
 READY_ENV = "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S"
-READY_TIMEOUT_S = 30.0
+HAPROXY_STARTUP_ENV = "RAY_SERVE_HAPROXY_STARTUP_TIMEOUT_S"
+READY_TIMEOUT_S = 60
 
 
 def ingress_env(mode: str, *, drain_s: float | None = None) -> dict[str, str]:
@@ -60,8 +63,9 @@ def use_ingress(mode: str, *, drain_s: float | None = None) -> dict[str, str]:
     env = ingress_env(mode, drain_s=drain_s)
     if DRAIN_ENV in os.environ:
         env.pop(DRAIN_ENV, None)
-    if READY_ENV not in os.environ:
-        env[READY_ENV] = f"{READY_TIMEOUT_S:g}"
+    for name in (READY_ENV, HAPROXY_STARTUP_ENV):
+        if name not in os.environ:
+            env[name] = str(READY_TIMEOUT_S)
     os.environ.update(env)
     return env
 

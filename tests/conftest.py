@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,10 @@ DATA = Path(os.environ.get("RAYDETECT_TEST_DATA", REPO.parent / "shared" / "data
 MODELS = DATA / "models"
 IMAGES = DATA / "images"
 DEFECTS = DATA / "defects"
+
+# Evaluations that `eval`/`quantize` cache for reuse go to this session's own folder, so tests
+# neither read nor fill the user's ~/.cache/raydetect/eval (subprocesses inherit it).
+os.environ.setdefault("RAYDETECT_EVAL_CACHE", tempfile.mkdtemp(prefix="rdt-eval-cache-"))
 
 S3_KEY = "testing"
 S3_SECRET = "testing"

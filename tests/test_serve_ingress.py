@@ -5,7 +5,14 @@ import os
 import pytest
 
 from raydetect.config import ConfigError, ServeConfig, validate
-from raydetect.serve_ingress import DRAIN_ENV, READY_ENV, ingress_env, ingress_from_env, use_ingress
+from raydetect.serve_ingress import (
+    DRAIN_ENV,
+    HAPROXY_STARTUP_ENV,
+    READY_ENV,
+    ingress_env,
+    ingress_from_env,
+    use_ingress,
+)
 
 
 def test_modes_and_their_environment():
@@ -30,8 +37,10 @@ def test_use_ingress_sets_the_environment_and_keeps_a_users_drain_period(monkeyp
 
 
 def test_use_ingress_gives_a_starting_proxy_time_and_keeps_a_users_setting(monkeypatch):
-    monkeypatch.delenv(READY_ENV, raising=False)
-    assert use_ingress("haproxy")[READY_ENV] == "30" and os.environ[READY_ENV] == "30"
+    for name in (READY_ENV, HAPROXY_STARTUP_ENV):
+        monkeypatch.delenv(name, raising=False)
+    set_now = use_ingress("haproxy")
+    assert set_now[READY_ENV] == set_now[HAPROXY_STARTUP_ENV] == "60" and os.environ[READY_ENV] == "60"
     monkeypatch.setenv(READY_ENV, "7")
     assert READY_ENV not in use_ingress("haproxy") and os.environ[READY_ENV] == "7"
 
