@@ -59,6 +59,8 @@ def main(argv: list[str] | None = None) -> None:
     """The wrapper: harden the file after ``-f``, then become the real HAProxy."""
     argv = list(sys.argv if argv is None else argv)
     real = os.environ[ENV_BINARY]
+    if is_wrapper(real):  # never exec a wrapper (it would exec itself forever): fail loudly
+        sys.exit(f"raydetect HAProxy wrapper: {ENV_BINARY}={real} is a wrapper, not HAProxy")
     if "-f" in argv[:-1]:
         path = Path(argv[argv.index("-f") + 1])
         timeout = os.environ.get(ENV_READ_TIMEOUT_MS)
@@ -74,17 +76,55 @@ def main(argv: list[str] | None = None) -> None:
     os.execv(real, [real, *argv[1:]])
 
 
+#: First line after the interpreter line of every wrapper: how a wrapper is recognised.
+WRAPPER_MARK = "# raydetect HAProxy wrapper"
+
+
+def is_wrapper(path: str | os.PathLike) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return WRAPPER_MARK.encode() in f.read(512)
+    except OSError:
+        return False
+
+
+def real_binary() -> str:
+    """The HAProxy executable a wrapper must run. A process started from an isolated
+    environment (a ``raydetect serve`` launched by another one, or by the test suite) inherits
+    ``RAY_SERVE_HAPROXY_BINARY_PATH`` pointing at that environment's *wrapper*: following it
+    would make the new wrapper exec the old one, which execs itself forever (HAProxy never
+    starts). So an inherited wrapper is replaced by the binary it wraps. Raises
+    FileNotFoundError when there is no HAProxy."""
+    inherited = os.environ.get(ENV_BINARY)
+    if inherited and not is_wrapper(inherited) and os.access(inherited, os.X_OK):
+        return inherited
+    from ray.serve._private.haproxy import get_haproxy_binary
+
+    path = get_haproxy_binary()
+    if is_wrapper(path):  # RAY_SERVE_HAPROXY_BINARY_PATH names a wrapper: take Ray's own binary
+        saved = os.environ.pop("RAY_SERVE_HAPROXY_BINARY_PATH", None)
+        try:
+            path = get_haproxy_binary()
+        finally:
+            if saved is not None:
+                os.environ["RAY_SERVE_HAPROXY_BINARY_PATH"] = saved
+    if is_wrapper(path):
+        raise FileNotFoundError(f"{path} is a raydetect wrapper, not HAProxy")
+    return path
+
+
 def write_wrapper(directory: Path) -> Path:
-    """An executable in ``directory`` that runs :func:`main` with this interpreter and this
-    copy of raydetect."""
-    package_root = Path(__file__).resolve().parents[1]
+    """An executable in ``directory`` that runs :func:`main` with this interpreter. It loads
+    this file by path (not the raydetect package, whose imports would slow every HAProxy start)."""
     script = directory / "haproxy"
     script.write_text(
         f"#!{sys.executable}\n"
-        "import sys\n"
-        f"sys.path.insert(0, {str(package_root)!r})\n"
-        "from raydetect.serve_haproxy import main\n"
-        "main()\n"
+        f"{WRAPPER_MARK}\n"
+        "import importlib.util\n"
+        f"spec = importlib.util.spec_from_file_location('raydetect_serve_haproxy', {str(Path(__file__).resolve())!r})\n"
+        "module = importlib.util.module_from_spec(spec)\n"
+        "spec.loader.exec_module(module)\n"
+        "module.main()\n"
     )
     script.chmod(0o700)
     return script

@@ -182,9 +182,7 @@ def isolation_env(
         serve_haproxy.ENV_METRICS: metrics,
     }
     try:
-        from ray.serve._private.haproxy import get_haproxy_binary
-
-        env[serve_haproxy.ENV_BINARY] = get_haproxy_binary()
+        env[serve_haproxy.ENV_BINARY] = serve_haproxy.real_binary()
         env["RAY_SERVE_HAPROXY_BINARY_PATH"] = str(serve_haproxy.write_wrapper(private_dir))
     except FileNotFoundError:  # no HAProxy here: the proxy ingress still gets its ports
         pass

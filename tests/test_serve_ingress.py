@@ -50,3 +50,35 @@ def test_config_field_is_checked():
     assert cfg.ingress == "haproxy"
     with pytest.raises(ConfigError, match=r"serve\.ingress"):
         validate(ServeConfig, {"detector": {"model": "m.onnx"}, "ingress": "nginx"}, "serve")
+
+
+def test_an_instance_started_from_an_isolated_environment_runs_the_real_haproxy(tmp_path, monkeypatch):
+    """A `raydetect serve` started from an environment that is itself isolated (another
+    instance, or the test suite's Ray) inherits RAY_SERVE_HAPROXY_BINARY_PATH = that
+    environment's wrapper. Its own wrapper must exec HAProxy, not the inherited wrapper (which
+    would exec itself forever: HAProxy never starts and Serve's proxy is never ready)."""
+    import subprocess
+
+    from raydetect import serve_haproxy
+    from raydetect.serve_ingress import isolation_env
+
+    try:
+        real = serve_haproxy.real_binary()
+    except FileNotFoundError:
+        pytest.skip("no HAProxy binary here")
+    outer = isolation_env(20000, 1, tmp_path / "outer")
+    assert serve_haproxy.is_wrapper(outer["RAY_SERVE_HAPROXY_BINARY_PATH"]) and outer[serve_haproxy.ENV_BINARY] == real
+    for k, v in outer.items():
+        monkeypatch.setenv(k, v)
+    inner = isolation_env(20100, 1, tmp_path / "inner")
+    assert inner[serve_haproxy.ENV_BINARY] == real
+    assert inner["RAY_SERVE_HAPROXY_BINARY_PATH"] != outer["RAY_SERVE_HAPROXY_BINARY_PATH"]
+    # the wrapper chain as Ray runs it: `haproxy -v` answers at once with HAProxy's version
+    out = subprocess.run([inner["RAY_SERVE_HAPROXY_BINARY_PATH"], "-v"], env={**os.environ, **inner},
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "HAProxy version" in out.stdout, out.stderr
+    # and a wrapper told to run a wrapper refuses instead of looping
+    bad = {**os.environ, **inner, serve_haproxy.ENV_BINARY: outer["RAY_SERVE_HAPROXY_BINARY_PATH"]}
+    out = subprocess.run([inner["RAY_SERVE_HAPROXY_BINARY_PATH"], "-v"], env=bad, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode != 0 and "is a wrapper, not HAProxy" in out.stderr
