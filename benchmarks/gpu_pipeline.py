@@ -131,12 +131,15 @@ def is_progressive(b: bytes) -> bool:
         return bool(im.info.get("progressive") or im.info.get("progression"))
 
 
-def make_dataset(work: Path, n: int) -> dict[str, Any]:
+def make_dataset(work: Path, n: int, names: tuple[str, ...] = ("coco640", "photos")) -> dict[str, Any]:
+    """``n`` files under ``work/NAME`` for each set in ``names`` (the distinct images repeated
+    under other names): *coco640* and/or *photos*."""
     photos = sorted(p for p in (DATA / "images").iterdir() if p.suffix.lower() in (".jpg", ".jpeg"))
     blobs = [p.read_bytes() for p in photos]
-    sets = {"coco640": coco_variants(blobs), "photos": blobs}
+    makers = {"coco640": lambda: coco_variants(blobs), "photos": lambda: blobs}
     info = {}
-    for name, distinct in sets.items():
+    for name in names:
+        distinct = makers[name]()
         d = work / name
         if d.exists():
             shutil.rmtree(d)
@@ -147,12 +150,13 @@ def make_dataset(work: Path, n: int) -> dict[str, Any]:
             (d / f"{name}_{i:06d}.jpg").write_bytes(b)
             total += len(b)
         sizes = [cv2.imdecode(np.frombuffer(b, np.uint8), cv2.IMREAD_REDUCED_GRAYSCALE_8).shape for b in distinct]
+        progressive = [is_progressive(b) for b in distinct]  # once per distinct image, not per file
         info[name] = {
             "dir": str(d),
             "files": n,
             "distinct": len(distinct),
             "mean_kb": r3(total / n / 1024),
-            "progressive_fraction": r3(sum(is_progressive(distinct[i % len(distinct)]) for i in range(n)) / n),
+            "progressive_fraction": r3(sum(progressive[i % len(distinct)] for i in range(n)) / n),
             "approx_sizes": sorted({(s[0] * 8, s[1] * 8) for s in sizes}),
         }
     return info

@@ -185,21 +185,9 @@ def object_store_stats() -> dict[str, Any]:
 
 
 def make_coco640(work: Path, n: int) -> dict[str, Any]:
-    """``n`` 640x480 baseline JPEGs (``gpu_pipeline.coco_variants`` of the photos, repeated under
-    other names) in ``work/coco640``: the *coco640* set of ``gpu_pipeline.make_dataset``, without
-    its *photos* set."""
-    photos = sorted(p for p in (DATA / "images").iterdir() if p.suffix.lower() in (".jpg", ".jpeg"))
-    distinct = gp.coco_variants([p.read_bytes() for p in photos])
-    d = work / "coco640"
-    if d.exists():
-        shutil.rmtree(d)
-    d.mkdir(parents=True)
-    total = 0
-    for i in range(n):
-        b = distinct[i % len(distinct)]
-        (d / f"coco640_{i:06d}.jpg").write_bytes(b)
-        total += len(b)
-    return {"dir": str(d), "files": n, "distinct": len(distinct), "mean_kb": r3(total / n / 1024)}
+    """``n`` 640x480 baseline JPEGs in ``work/coco640``: the *coco640* set of
+    ``gpu_pipeline.make_dataset``, without its *photos* set."""
+    return gp.make_dataset(work, n, ("coco640",))["coco640"]
 
 
 @contextlib.contextmanager

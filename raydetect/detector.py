@@ -45,7 +45,6 @@ class Timings:
     images: int = 0
     batches: int = 0
     decoders: dict[str, int] | None = None  # images per decoder ("nvimgcodec", "nvjpeg", "cpu", ...)
-    h2d_bytes: int = 0
 
     def as_dict(self) -> dict[str, float]:
         return {
@@ -268,8 +267,6 @@ class Detector:
         uris = list(uris) if uris is not None else [f"#{i}" for i in range(n)]
         if len(uris) != n:
             raise ValueError(f"{n} images but {len(uris)} uris")
-        if self._stages_of is not self.engine:
-            self._choose_stages()
         t = Timings(images=n, decoders={})
         results = [ImageResult(uri=u) for u in uris]
         starts = list(range(0, n, self.chunk))
@@ -281,7 +278,6 @@ class Detector:
             t0 = time.perf_counter()
             p = self.prepare(images[s : s + self.chunk])
             t.decode += time.perf_counter() - t0
-            t.h2d_bytes += p.h2d_bytes
             for k in ("h2d_bytes", "nvjpeg", "cpu_decoded"):
                 self.gpu_counters[k] += getattr(p, k)
             for name, c in p.decoder_counts().items():

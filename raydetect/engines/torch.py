@@ -25,12 +25,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from raydetect.config import DetectorConfig
 from raydetect.engines.base import Engine, EngineUnavailableError
+from raydetect.engines.tensorrt_cache import EngineCache, EngineKey, _slug
 from raydetect.model_card import ModelCard, batch_check_error, batching_check_input
 
 log = logging.getLogger(__name__)
@@ -59,48 +61,36 @@ def compile_mode(setting: str, is_cuda: bool) -> str:
     return setting
 
 
-def compile_key(card: ModelCard, precision: str, buckets: list[int], device_name: str,
-                capability: str, versions: str):
-    """The cache key of a compiled engine (a :class:`~raydetect.engines.tensorrt_cache.EngineKey`
-    whose runtime fields name torch and triton)."""
-    from raydetect.engines.tensorrt_cache import make_key
+#: Bump when the compile recipe (options, freezing, layout) changes: old cache entries then miss.
+COMPILE_RECIPE = "inductor-freezing-cl-1"
 
-    key = make_key(
+
+@dataclass(frozen=True)
+class CompiledKey(EngineKey):
+    """The cache key of a compiled engine: an :class:`EngineKey` whose runtime field names torch
+    and triton, and whose file names say so."""
+
+    def file_stem(self) -> str:
+        h, w = self.imgsz
+        return (f"{self.onnx_sha256[:12]}_{self.precision}_{h}x{w}_b{self.batch_profile[2]}"
+                f"_{_slug(self.gpu_name)}_{_slug(self.tensorrt_version)}_{self.digest()[:16]}")
+
+
+def compile_key(card: ModelCard, precision: str, buckets: list[int], device_name: str,
+                capability: str, versions: str) -> CompiledKey:
+    """Model sha256, torch/triton versions, GPU name and compute capability, precision, input
+    size and batch buckets."""
+    return CompiledKey(
         onnx_sha256=card.sha256,
         tensorrt_version=versions,
         gpu_name=device_name,
         compute_capability=capability,
         precision=precision,
-        imgsz=card.imgsz,
+        imgsz=(int(card.imgsz[0]), int(card.imgsz[1])),
         batch_profile=(min(buckets), min(buckets), max(buckets)),
         nms="none",
-        nms_params={"buckets": ",".join(map(str, buckets)), "recipe": COMPILE_RECIPE},
+        nms_params=tuple(sorted({"buckets": ",".join(map(str, buckets)), "recipe": COMPILE_RECIPE}.items())),
     )
-    return CompiledKey(**{f: getattr(key, f) for f in key.__dataclass_fields__})
-
-
-#: Bump when the compile recipe (options, freezing, layout) changes: old cache entries then miss.
-COMPILE_RECIPE = "inductor-freezing-cl-1"
-
-
-def _compiled_key_class():
-    from dataclasses import dataclass
-
-    from raydetect.engines.tensorrt_cache import EngineKey, _slug
-
-    @dataclass(frozen=True)
-    class CompiledKey(EngineKey):
-        """File names say torch, not TensorRT."""
-
-        def file_stem(self) -> str:
-            h, w = self.imgsz
-            return (f"{self.onnx_sha256[:12]}_{self.precision}_{h}x{w}_b{self.batch_profile[2]}"
-                    f"_{_slug(self.gpu_name)}_{_slug(self.tensorrt_version)}_{self.digest()[:16]}")
-
-    return CompiledKey
-
-
-CompiledKey = _compiled_key_class()
 
 
 def default_compile_cache() -> str:
@@ -224,8 +214,6 @@ class TorchEngine(Engine):
         """torch.compile the module for each bucket (from the cache when it has them) and, on
         CUDA, capture each as a CUDA graph. Raises when compiling fails."""
         torch = self.torch
-        from raydetect.engines.tensorrt_cache import EngineCache
-
         if self.convert_report["host_reading_modules"]:
             raise RuntimeError(f"modules read tensors on the host: {self.convert_report['host_reading_modules']}")
         dyn = torch._dynamo.config
