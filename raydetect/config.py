@@ -171,7 +171,15 @@ class VideoConfig(_Strict):
     gate_refresh: int = Field(25, ge=1, le=1_000_000, description="Process at least every K-th sampled frame")
     gate_width: int = Field(64, ge=8, le=1024, description="Width of the grey thumbnail the gate compares")
     decoder: Literal["auto", "cpu", "nvdec"] = Field(
-        "auto", description="'cpu' (PyAV), 'nvdec' (torchcodec CUDA) or 'auto' (NVDEC when usable)"
+        "auto",
+        description="cpu: PyAV on the CPU; nvdec: NVDEC through PyNvVideoCodec, frames stay on the GPU "
+        "(CPU when unusable, per segment on failure, the reason in the video summary); auto: nvdec in "
+        "actors with a GPU",
+    )
+    sessions: int = Field(
+        4, ge=1, le=32,
+        description="Segments one actor decodes at once (one thread and NVDEC session each), their frames "
+        "batched together",
     )
     extensions: tuple[str, ...] = DEFAULT_VIDEO_EXTENSIONS
 

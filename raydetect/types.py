@@ -332,6 +332,7 @@ VIDEO_SUMMARY_SCHEMA = pa.schema(
         ("infer_s", pa.float64()),
         ("decode_fps", pa.float64()),
         ("decoder", pa.string()),
+        ("decoder_reason", pa.string()),  # why not NVDEC (auto on a CPU actor, a fallback), or None
         ("error", pa.string()),
         ("model_sha256", pa.string()),
         ("engine", pa.string()),

@@ -48,6 +48,8 @@ class FrameLike(Protocol):
 
     def grey(self) -> np.ndarray: ...
 
+    def thumbnail(self, width: int) -> np.ndarray: ...
+
 
 class AvFrame:
     """A PyAV frame; pixels are converted only on request."""
@@ -65,6 +67,45 @@ class AvFrame:
 
     def grey(self) -> np.ndarray:
         return self.frame.to_ndarray(format="gray")
+
+    def thumbnail(self, width: int) -> np.ndarray:
+        return grey_thumbnail(self.grey(), width)
+
+
+class AvPacketDecoder:
+    """PyAV's decoder of a stream as a *packet decoder*: ``decode(packet)`` → ``[(pts, frame,
+    corrupt)]`` (``pts`` None: the frame has no timestamp; ``frame`` a :class:`FrameLike`).
+    :class:`raydetect.video.nvdec.NvdecPacketDecoder` is the GPU one."""
+
+    name = "cpu"
+
+    def __init__(self, stream) -> None:
+        self.stream = stream
+
+    def decode(self, packet) -> list[tuple[int | None, FrameLike | None, bool]]:
+        out = []
+        for fr in packet.decode():
+            pts = fr.pts if fr.pts is not None else fr.dts
+            out.append((pts, None if pts is None else AvFrame(fr, pts), bool(fr.is_corrupt)))
+        return out
+
+
+class _NvdecAdapter:
+    """:class:`~raydetect.video.nvdec.NvdecPacketDecoder` with :class:`AvPacketDecoder`'s output."""
+
+    name = "nvdec"
+
+    def __init__(self, stream) -> None:
+        from raydetect.video.nvdec import NvdecPacketDecoder
+
+        self.dec = NvdecPacketDecoder(stream)
+
+    def decode(self, packet) -> list[tuple[int | None, FrameLike | None, bool]]:
+        return [(f.pts, f, False) for f in self.dec.decode(packet)]
+
+
+#: ``decoder`` name → packet-decoder factory (called with the stream, once per decode attempt)
+PACKET_DECODERS = {"cpu": AvPacketDecoder, "nvdec": _NvdecAdapter}
 
 
 @dataclass(slots=True)
@@ -111,10 +152,16 @@ def _seek(container, stream, target: int | None) -> None:
 
 
 def iter_segment_frames(
-    container, stream, segment: Segment, stats: DecodeStats, *, thread_type: str = "SLICE"
-) -> Iterator[tuple[AvFrame, int | None]]:
+    container, stream, segment: Segment, stats: DecodeStats, *, thread_type: str = "SLICE",
+    decoder: str = "cpu",
+) -> Iterator[tuple[FrameLike, int | None]]:
     """Yield ``(frame, prev_pts)`` for the frames of ``segment`` in presentation order;
     ``prev_pts`` is the PTS of the frame decoded just before (None at the stream start).
+
+    PyAV demuxes (and seeks) for every decoder; ``decoder`` picks what decodes the packets:
+    ``cpu`` (PyAV, frames on the host) or ``nvdec`` (:mod:`raydetect.video.nvdec`, frames in
+    GPU memory with the PTS of their packets, i.e. PyAV's). A NVDEC failure (unsupported
+    stream, decoder error) raises: the caller decodes the segment again on the CPU.
 
     Some containers index keyframes by decode time (AVI with B-frames), so a seek can land on a
     keyframe *after* the segment start, whose leading B-frames cannot be decoded. That is
@@ -132,10 +179,12 @@ def iter_segment_frames(
     origin = stream.start_time if stream.start_time is not None else 0
     target = None if start is None else start - 1
     from_file_start = start is None
+    factory = PACKET_DECODERS[decoder]
     while True:
         t0 = time.perf_counter()
         if start is not None:
             _seek(container, stream, None if from_file_start else target)
+        dec = factory(stream)  # a fresh decoder (NVDEC session) per attempt
         prev: int | None = None
         beyond = 0
         overshot = False
@@ -156,7 +205,7 @@ def iter_segment_frames(
                 stats.seconds += time.perf_counter() - t0
                 break
             try:
-                frames = packet.decode()
+                frames = dec.decode(packet)
             except av.FFmpegError as e:
                 stats.seconds += time.perf_counter() - t0
                 pts = packet.pts if packet.pts is not None else prev
@@ -167,8 +216,7 @@ def iter_segment_frames(
                     return
                 continue
             stats.seconds += time.perf_counter() - t0
-            for fr in frames:
-                pts = fr.pts if fr.pts is not None else fr.dts
+            for pts, fr, corrupt in frames:
                 if pts is None:
                     stats.add_error(prev, "decoded frame without a timestamp (dropped)", merge=True)
                     continue
@@ -187,8 +235,8 @@ def iter_segment_frames(
                     beyond += 1
                     continue
                 stats.frames += 1
-                stats.corrupt += bool(fr.is_corrupt)
-                yield AvFrame(fr, pts), prev
+                stats.corrupt += corrupt
+                yield fr, prev
                 prev = pts
             if beyond >= LOOKAHEAD:
                 return
@@ -246,6 +294,6 @@ def select_frames(
             continue
         counters["sampled"] += 1
         decision = GateDecision(True, None)
-        if gate is not None:
-            decision = gate.decide(grey_thumbnail(frame.grey(), gate.width))
+        if gate is not None:  # the thumbnail is computed where the frame is (GPU frames: on the GPU)
+            decision = gate.decide(frame.thumbnail(gate.width))
         yield Selected(frame, sampler.index(frame.pts), decision)

@@ -1,29 +1,35 @@
-"""One segment of one video → frame rows: plan, decode, sample, gate, detect.
+"""Segments of videos → frame rows: plan, decode, sample, gate, detect.
 
 :func:`plan_video` probes a video and returns its :class:`SegmentTask` s (a probe failure is one
-task carrying the error). :func:`detect_segment` runs one task with a
+task carrying the error). :func:`detect_segments` runs several tasks at once with one
 :class:`~raydetect.detector.Detector` in the calling process — decoding and detection happen in
-the same process, so decoded pixels never travel — and returns the rows and counters.
+the same process, so decoded pixels never travel — and returns the rows and counters of each:
+one thread per segment demuxes, decodes (PyAV, or NVDEC with one decoder session per segment),
+samples and gates, and the calling thread fills the detector's batches with the frames of all
+of them (as DeepStream batches one frame per source). On the GPU the frames stay on the device
+(NVDEC → RGB tensor → the detector's GPU stage). A segment whose NVDEC decode fails is decoded
+again on the CPU (its rows so far are dropped), with the reason in ``decoder_reason``.
+:func:`detect_segment` is the one-segment call.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
 import os
+import queue
 import socket
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from raydetect.config import StorageConfig, VideoConfig
-from raydetect.storage import filesystem, is_remote_fs
 from raydetect.types import FrameResult, ImageResult
 from raydetect.video.decode import DecodeStats, Selected, iter_segment_frames, select_frames, truncation_error
 from raydetect.video.gate import MotionGate
-from raydetect.video.probe import REMOTE_BLOCK_SIZE, VideoError, VideoInfo, open_video, stream_info
+from raydetect.video.probe import VideoError, VideoInfo, open_video, stream_info
 from raydetect.video.segments import Sampler, Segment, plan_segments
 
 log = logging.getLogger(__name__)
@@ -105,34 +111,30 @@ def _where(task: SegmentTask, pts: int | None) -> str:
     return f" at {float(pts * task.info.time_base):.3f} s"
 
 
-@contextlib.contextmanager
-def _frames_of(task: SegmentTask, decoder: str, storage: StorageConfig | None, dstats: DecodeStats):
-    """The frame iterator of the chosen decoder for ``task``'s segment."""
-    if decoder == "nvdec":
-        from raydetect.video.nvdec import iter_segment_frames_nvdec
-
-        info = task.info
-        assert info is not None
-        fs, path = filesystem(task.uri, storage)
-        kwargs = {"block_size": REMOTE_BLOCK_SIZE, "cache_type": "readahead"} if is_remote_fs(fs) else {}
-        with fs.open(path, "rb", **kwargs) as f:
-            yield iter_segment_frames_nvdec(f, task.segment, info.time_base, info.frame_pts, info.end_pts, dstats)
-        return
-    with open_video(task.uri, storage) as (container, stream):
-        yield iter_segment_frames(container, stream, task.segment, dstats)
+class _Stop(Exception):
+    """The consumer gave up: producer threads end."""
 
 
-def detect_segment(
-    detector,
-    task: SegmentTask,
-    video: VideoConfig,
-    storage: StorageConfig | None = None,
-    *,
-    decoder: str = "cpu",
-) -> SegmentOutcome:
-    """Decode ``task``'s segment, sample and gate its frames and detect in the processed ones."""
+@dataclass(eq=False)
+class _Run:
+    """One segment being decoded and detected (state shared by its thread and the batcher)."""
+
+    task: SegmentTask
+    decoder: str
+    reason: str | None
+    stats: dict[str, Any]
+    rows: list[FrameResult] = field(default_factory=list)
+    dstats: DecodeStats = field(default_factory=DecodeStats)
+    counters: dict[str, int] = field(default_factory=lambda: {"sampled": 0})
+    last_processed: int | None = None
+    convert_s: float = 0.0
+    infer_s: float = 0.0
+    fatal: str | None = None
+
+
+def _initial_stats(task: SegmentTask, decoder: str, reason: str | None) -> dict[str, Any]:
     info = task.info
-    stats: dict[str, Any] = {
+    return {
         "uri": task.uri,
         "segment": task.segment.index,
         "segments": task.segments,
@@ -150,58 +152,58 @@ def detect_segment(
         "decode_s": 0.0,
         "infer_s": 0.0,
         "decoder": decoder,
+        "decoder_reason": reason,
         "error": None,
         "worker": f"{socket.gethostname()}:{os.getpid()}",
     }
-    if task.error is not None or info is None:
-        rows = [_error_row(task, task.error or "no stream information")]
-        stats.update(errors=1, error=rows[0].error)
-        return SegmentOutcome(rows, stats)
 
-    sampler = Sampler(info.origin, info.time_base, info.fps, fps=video.fps, every=video.every)
-    gate = MotionGate(video.gate_threshold, video.gate_refresh, video.gate_width) if video.gate else None
-    dstats = DecodeStats()
-    counters = {"sampled": 0}
-    rows: list[FrameResult] = []
-    pending: list[tuple[Selected, Any]] = []
-    last_processed: int | None = None
-    convert_s = 0.0
-    infer_s = 0.0
-    batch = max(1, detector.config.batch_size)
 
-    def flush() -> None:
-        nonlocal infer_s
-        if not pending:
+def _produce(run: _Run, video: VideoConfig, storage: StorageConfig | None, put, tensors: bool) -> None:
+    """The segment's thread: decode, sample, gate; hand each sampled frame to the batcher.
+    NVDEC failures restart the segment on the CPU (the batcher drops what it had of it)."""
+    task, info = run.task, run.task.info
+    assert info is not None
+    attempts = ["cpu"] if run.decoder == "cpu" else [run.decoder, "cpu"]
+    for dec in attempts:
+        run.decoder = dec
+        run.dstats, run.counters, run.convert_s = DecodeStats(), {"sampled": 0}, 0.0
+        sampler = Sampler(info.origin, info.time_base, info.fps, fps=video.fps, every=video.every)
+        gate = MotionGate(video.gate_threshold, video.gate_refresh, video.gate_width) if video.gate else None
+        try:
+            with open_video(task.uri, storage) as (container, stream):
+                frames = iter_segment_frames(container, stream, task.segment, run.dstats, decoder=dec)
+                for sel in select_frames(frames, sampler, gate, run.counters):
+                    if not sel.decision.process:
+                        put(("skip", run, sel, None))
+                        continue
+                    t0 = time.perf_counter()
+                    # GPU frames go to a GPU detector as RGB device tensors; otherwise BGR on the host
+                    pixels = sel.frame.rgb() if (tensors and dec == "nvdec") else sel.frame.bgr()
+                    run.convert_s += time.perf_counter() - t0
+                    put(("frame", run, sel, pixels))
+            d = run.dstats
+            if dec == "nvdec" and d.frames == 0 and d.extra == 0 and not d.errors:
+                raise RuntimeError("NVDEC returned no frames")
+        except _Stop:
             return
-        t0 = time.perf_counter()
-        results = detector.detect([a for _, a in pending], [task.uri] * len(pending))
-        infer_s += time.perf_counter() - t0
-        for (sel, _), res in zip(pending, results, strict=True):
-            rows.append(_frame_row(task, sel, res, None))
-        pending.clear()
+        except VideoError as e:
+            run.fatal = str(e)
+        except Exception as e:
+            if dec != "cpu":  # decode the segment again on the CPU, and say why
+                run.reason = f"NVDEC failed, decoded on the CPU: {type(e).__name__}: {e}"
+                log.warning("segment %d of %s: %s", task.segment.index, task.uri, run.reason)
+                put(("reset", run, None, None))
+                continue
+            log.exception("segment %d of %s failed", task.segment.index, task.uri)
+            run.fatal = f"video decode failed: {type(e).__name__}: {e}"
+        break
+    put(("done", run, None, None))
 
-    fatal: str | None = None
-    try:
-        with _frames_of(task, decoder, storage, dstats) as frames:
-            for sel in select_frames(frames, sampler, gate, counters):
-                if not sel.decision.process:
-                    res = ImageResult(uri=task.uri, width=sel.frame.width, height=sel.frame.height)
-                    rows.append(_frame_row(task, sel, res, last_processed))
-                    continue
-                t0 = time.perf_counter()
-                pixels = sel.frame.bgr()
-                convert_s += time.perf_counter() - t0
-                pending.append((sel, pixels))
-                last_processed = sel.index
-                if len(pending) >= batch:
-                    flush()
-    except VideoError as e:
-        fatal = str(e)
-    except Exception as e:  # an unexpected decoder failure: an error row, the job goes on
-        log.exception("segment %d of %s failed", task.segment.index, task.uri)
-        fatal = f"video decode failed: {type(e).__name__}: {e}"
-    flush()
 
+def _finish(run: _Run) -> SegmentOutcome:
+    """Error rows (damage, truncation, a fatal error), order by PTS, and the counters."""
+    task, info, dstats, rows = run.task, run.task.info, run.dstats, run.rows
+    assert info is not None
     # Damage met while decoding before the start (from the keyframe) or after the end (lookahead)
     # belongs to the neighbouring segment, which reports it.
     events = [ev for ev in dstats.errors if ev.pts is None or task.segment.contains(ev.pts)]
@@ -214,20 +216,126 @@ def detect_segment(
         ends = None if dstats.max_pts is None else math.floor(dstats.max_pts + info.frame_pts)
         rows.append(_error_row(task, trunc, ends if ends is not None and task.segment.contains(ends)
                                else task.segment.start))
-    if fatal is not None:
-        rows.append(_error_row(task, fatal))
+    if run.fatal is not None:
+        rows.append(_error_row(task, run.fatal))
     rows.sort(key=lambda r: (r.pts is None, r.pts if r.pts is not None else 0, r.frame is None))
-
     errors = [r for r in rows if r.error is not None]
-    stats.update(
+    run.stats.update(
         frames_decoded=dstats.frames,
-        frames_sampled=counters["sampled"],
+        frames_sampled=run.counters["sampled"],
         frames_processed=sum(1 for r in rows if r.frame is not None and not r.skipped),
         frames_skipped=sum(1 for r in rows if r.skipped),
         detections=sum(len(r.result.detections) for r in rows),
         errors=len(errors),
-        decode_s=dstats.seconds + convert_s,
-        infer_s=infer_s,
+        decode_s=dstats.seconds + run.convert_s,
+        infer_s=run.infer_s,
+        decoder=run.decoder,
+        decoder_reason=run.reason,
         error=errors[0].error if errors else None,
     )
-    return SegmentOutcome(rows, stats)
+    return SegmentOutcome(rows, run.stats)
+
+
+def detect_segments(
+    detector,
+    tasks: list[SegmentTask],
+    video: VideoConfig,
+    storage: StorageConfig | None = None,
+    *,
+    decoder: str = "cpu",
+    decoder_reason: str | None = None,
+) -> list[SegmentOutcome]:
+    """Decode ``tasks``' segments at once (one thread, and with ``decoder='nvdec'`` one NVDEC
+    session, each), sample and gate their frames and detect in the processed ones, in engine
+    batches filled from all segments. Returns each task's rows and counters, in order."""
+    runs = [_Run(t, decoder, decoder_reason, _initial_stats(t, decoder, decoder_reason)) for t in tasks]
+    out: list[SegmentOutcome | None] = [None] * len(runs)
+    live = []
+    for k, run in enumerate(runs):
+        if run.task.error is not None or run.task.info is None:
+            rows = [_error_row(run.task, run.task.error or "no stream information")]
+            run.stats.update(errors=1, error=rows[0].error)
+            out[k] = SegmentOutcome(rows, run.stats)
+        else:
+            live.append(run)
+    if live:
+        _run_batched(detector, live, video, storage)
+        for k, run in enumerate(runs):
+            if out[k] is None:
+                out[k] = _finish(run)
+    return out  # type: ignore[return-value]
+
+
+def _run_batched(detector, runs: list[_Run], video: VideoConfig, storage: StorageConfig | None) -> None:
+    batch = max(1, detector.config.batch_size)
+    q: queue.Queue = queue.Queue(maxsize=2 * batch + len(runs))
+    stop = threading.Event()
+
+    def put(item) -> None:
+        while True:
+            if stop.is_set():
+                raise _Stop
+            try:
+                q.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    tensors = any(r.decoder != "cpu" for r in runs) and detector.gpu is not None
+    threads = [threading.Thread(target=_produce, args=(r, video, storage, put, tensors), daemon=True,
+                                name=f"video-seg-{r.task.segment.index}") for r in runs]
+    pending: list[tuple[_Run, Selected, Any]] = []
+
+    def flush() -> None:
+        if not pending:
+            return
+        t0 = time.perf_counter()
+        results = detector.detect([p for _, _, p in pending], [r.task.uri for r, _, _ in pending])
+        share = (time.perf_counter() - t0) / len(pending)
+        for (run, sel, _), res in zip(pending, results, strict=True):
+            run.rows.append(_frame_row(run.task, sel, res, None))
+            run.infer_s += share
+        pending.clear()
+
+    for t in threads:
+        t.start()
+    active = len(threads)
+    try:
+        while active:
+            try:
+                kind, run, sel, pixels = q.get(timeout=0.02)
+            except queue.Empty:
+                flush()  # the decoders are behind: do not hold frames back for a full batch
+                continue
+            if kind == "frame":
+                run.last_processed = sel.index
+                pending.append((run, sel, pixels))
+                if len(pending) >= batch:
+                    flush()
+            elif kind == "skip":
+                res = ImageResult(uri=run.task.uri, width=sel.frame.width, height=sel.frame.height)
+                run.rows.append(_frame_row(run.task, sel, res, run.last_processed))
+            elif kind == "reset":  # the segment starts again on the CPU
+                run.rows.clear()
+                run.last_processed = None
+                run.infer_s = 0.0
+                pending[:] = [p for p in pending if p[0] is not run]
+            elif kind == "done":
+                active -= 1
+        flush()
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=10)
+
+
+def detect_segment(
+    detector,
+    task: SegmentTask,
+    video: VideoConfig,
+    storage: StorageConfig | None = None,
+    *,
+    decoder: str = "cpu",
+) -> SegmentOutcome:
+    """Decode ``task``'s segment, sample and gate its frames and detect in the processed ones."""
+    return detect_segments(detector, [task], video, storage, decoder=decoder)[0]

@@ -1,20 +1,29 @@
-"""GPU decode (NVDEC) through torchcodec's CUDA decoder, behind an availability check.
+"""GPU decode (NVDEC) through NVIDIA's PyNvVideoCodec, fed by PyAV's demuxer.
 
-Used when ``video.decoder`` is ``nvdec`` or ``auto`` and :func:`nvdec_availability` says yes
-(torch with CUDA, torchcodec importable, and a real tiny H.264 decode on the GPU works);
-otherwise the CPU decoder (PyAV) is used and the reason is reported.
+Why PyAV demuxes: PyNvVideoCodec's own demuxer reported the *decode* timestamps of an MP4 with
+B-frames (the traffic clip's first frame came out at PTS -2002 where PyAV says 0: two frames
+off, and every frame after it too). Here the packets come from the same PyAV demuxer, seek and
+segment logic as the CPU path (:func:`raydetect.video.decode.iter_segment_frames`, which takes a
+``packet decoder``), converted to Annex B (``h264_mp4toannexb`` / ``hevc_mp4toannexb``) and
+handed to PyNvVideoCodec's core decoder with the packet's PTS; NVDEC's parser reorders and
+gives every displayed picture the PTS of its own packet, so each frame has exactly PyAV's PTS.
 
-Frames are produced with the same integer-PTS rules as the CPU path: torchcodec gives PTS in
-seconds (double), converted back to ticks of the stream ``time_base`` probed with PyAV, and
-frames are assigned to the segment by that integer PTS. Decoding goes in chunks of
-``chunk_s`` seconds so that a long segment never sits decoded in GPU memory at once.
-The detector takes host arrays, so processed frames are copied to the host once (BGR);
-the motion gate's thumbnail is computed on the GPU.
+Frames stay in GPU memory: :class:`NvdecFrame` holds the NV12 picture (a torch CUDA tensor) and
+converts on the device to RGB ``[3, h, w]`` uint8 (what the detector's GPU stage takes, see
+:meth:`raydetect.gpu_preprocess.GpuPreprocessor.decode`) and to the motion gate's grey thumbnail
+(:func:`grey_thumbnail_gpu`: only the 64-px thumbnail is copied to the host). The colour
+conversion is BT.601 limited range (BT.709 when the stream says so) with nearest chroma, as
+swscale's default YUV→RGB path that the CPU decoder uses (measured on the traffic clip: mean
+absolute difference about 1.2 grey levels, max 3); the grey image is PyAV's ``gray`` exactly
+(limited → full range, integer arithmetic).
 
-A second backend, NVIDIA's ``PyNvVideoCodec`` (a self-contained wheel: its own FFmpeg demuxer and
-CUDA runtime, no torch needed), is at the end of this module: :func:`pynvvideocodec_availability`
-and :func:`iter_file_frames_pynvvideocodec` decode a local file on the GPU with the stream's
-integer PTS, for the decode benchmark and for comparison with the CPU decoder.
+:func:`nvdec_availability` says whether this process can use it (PyNvVideoCodec importable,
+torch with CUDA, a real decode of a tiny H.264 clip). Any failure of a NVDEC segment (unsupported
+codec or bit depth, a decoder error) makes the caller decode the segment again on the CPU
+(:mod:`raydetect.video.detect`), with the reason in the segment's ``decoder_reason``.
+
+:func:`pynvvideocodec_availability` / :func:`iter_file_frames_pynvvideocodec` (PyNvVideoCodec's
+own demuxer and ``SimpleDecoder``) stay for the decode benchmark's comparison.
 """
 
 from __future__ import annotations
@@ -23,21 +32,40 @@ import functools
 import importlib.util
 import io
 import math
-import time
 from collections.abc import Iterator
-from fractions import Fraction
+from typing import Any
 
 import numpy as np
 
-from raydetect.video.decode import DecodeStats
-from raydetect.video.segments import Segment
+#: PyAV codec name → PyNvVideoCodec ``cudaVideoCodec`` member.
+NVDEC_CODECS = {
+    "h264": "H264",
+    "hevc": "HEVC",
+    "av1": "AV1",
+    "vp9": "VP9",
+    "vp8": "VP8",
+    "mpeg2video": "MPEG2",
+    "mpeg4": "MPEG4",
+    "vc1": "VC1",
+    "mjpeg": "JPEG",
+}
+#: codecs whose MP4/MKV packets are converted to Annex B before the NVDEC parser
+ANNEXB_FILTERS = {"h264": "h264_mp4toannexb", "hevc": "hevc_mp4toannexb"}
+#: pixel formats NVDEC gives as 8-bit NV12 (others: the segment goes to the CPU decoder)
+NV12_PIX_FMTS = {"yuv420p", "yuvj420p", "nv12"}
+
+
+class NvdecUnsupported(Exception):
+    """This stream cannot be decoded by NVDEC here (the CPU decoder is used instead)."""
 
 
 @functools.lru_cache(maxsize=1)
 def nvdec_availability() -> tuple[bool, str]:
-    """``(usable, reason)``; the reason names the missing piece when not usable."""
-    if importlib.util.find_spec("torchcodec") is None:  # checked first: importing torch is slow
-        return False, "torchcodec is not installed"
+    """``(usable, reason)``: PyNvVideoCodec imports (driver, NVDEC libraries), torch sees a CUDA
+    device, and a tiny H.264 clip decodes through :class:`NvdecPacketDecoder` to its 4 frames
+    with their PTS."""
+    if importlib.util.find_spec("PyNvVideoCodec") is None:  # checked first: importing torch is slow
+        return False, "PyNvVideoCodec is not installed"
     try:
         import torch
     except ImportError:
@@ -45,19 +73,24 @@ def nvdec_availability() -> tuple[bool, str]:
     if not torch.cuda.is_available():
         return False, "no CUDA device visible to torch"
     try:
-        import torchcodec
-        from torchcodec.decoders import VideoDecoder
-    except Exception as e:  # ImportError, or a torchcodec/FFmpeg/torch mismatch at load time
-        return False, f"torchcodec not usable: {type(e).__name__}: {e}"
+        import PyNvVideoCodec as nvc
+    except Exception as e:  # no libnvcuvid (a container without the 'video' capability), old driver
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        return False, f"PyNvVideoCodec not usable: {type(e).__name__}: {first}"
     try:
-        data = _tiny_h264()
-        dec = VideoDecoder(data, device="cuda", seek_mode="approximate")
-        frame = dec.get_frame_at(0)
-        if not frame.data.is_cuda:
-            return False, "torchcodec returned a CPU frame for device='cuda'"
+        import av
+
+        with av.open(io.BytesIO(_tiny_h264())) as c:
+            s = c.streams.video[0]
+            dec = NvdecPacketDecoder(s)
+            pts = []
+            for packet in c.demux(s):
+                pts += [f.pts for f in dec.decode(packet)]
     except Exception as e:
-        return False, f"torchcodec CUDA decode failed: {type(e).__name__}: {e}"
-    return True, f"torchcodec {getattr(torchcodec, '__version__', '?')} on {torch.cuda.get_device_name()}"
+        return False, f"PyNvVideoCodec decode failed: {type(e).__name__}: {e}"
+    if len(pts) != 4:
+        return False, f"PyNvVideoCodec decoded {len(pts)} frames of a 4-frame test clip"
+    return True, f"PyNvVideoCodec {nvc.__version__} on {torch.cuda.get_device_name()}"
 
 
 def _tiny_h264() -> bytes:
@@ -76,100 +109,203 @@ def _tiny_h264() -> bytes:
     return buf.getvalue()
 
 
-class TensorFrame:
-    """One decoded frame on the GPU (HWC, RGB, uint8)."""
+# --- colour conversion on the device ----------------------------------------------------------
 
-    __slots__ = ("data", "pts", "width", "height")
+#: (Kr, Kb) of the YCbCr matrices; PyAV/swscale use BT.601 unless the stream says BT.709
+_MATRICES = {"bt601": (0.299, 0.114), "bt709": (0.2126, 0.0722)}
+#: AVColorSpace value of BT.709
+_AVCOL_SPC_BT709 = 1
 
-    def __init__(self, data, pts: int) -> None:
-        self.data = data
+
+def matrix_of(colorspace: int | None) -> str:
+    return "bt709" if colorspace == _AVCOL_SPC_BT709 else "bt601"
+
+
+def nv12_to_rgb(nv12, height: int, width: int, matrix: str = "bt601"):
+    """NV12 ``[h * 3 / 2, w]`` uint8 (limited range) → RGB ``[3, h, w]`` uint8, on the tensor's
+    device; nearest chroma, as swscale's default conversion."""
+    import torch
+
+    kr, kb = _MATRICES[matrix]
+    kg = 1.0 - kr - kb
+    y = (nv12[:height].to(torch.float32) - 16.0) * (255.0 / 219.0)
+    uv = nv12[height : height + height // 2].view(height // 2, width // 2, 2).to(torch.float32) - 128.0
+    uv = uv * (255.0 / 224.0)
+    uv = uv.repeat_interleave(2, 0).repeat_interleave(2, 1)[:height, :width]
+    u, v = uv[..., 0], uv[..., 1]
+    r = y + (2.0 - 2.0 * kr) * v
+    b = y + (2.0 - 2.0 * kb) * u
+    g = y - (2.0 * kb * (1.0 - kb) / kg) * u - (2.0 * kr * (1.0 - kr) / kg) * v
+    return torch.stack((r, g, b)).round_().clamp_(0, 255).to(torch.uint8)
+
+
+@functools.lru_cache(maxsize=8)
+def _grey_lut(device: str):
+    """Limited-range luma → full-range grey, exactly as swscale's ``gray`` output."""
+    import torch
+
+    y = torch.arange(256, dtype=torch.int32)
+    return (((y - 16) * 510 + 219) // 438).clamp(0, 255).to(torch.float32).to(device)
+
+
+def area_weights(src: int, dst: int) -> np.ndarray:
+    """``[dst, src]`` weights of an area (box) downscale: each output pixel is the mean of the
+    source pixels it covers, fractional ones weighted by their overlap (OpenCV's INTER_AREA)."""
+    scale = src / dst
+    w = np.zeros((dst, src), np.float64)
+    for j in range(dst):
+        a, b = j * scale, (j + 1) * scale
+        for i in range(math.floor(a), min(src, math.ceil(b))):
+            w[j, i] = max(0.0, min(b, i + 1) - max(a, i))
+    return w / scale
+
+
+@functools.lru_cache(maxsize=16)
+def _area_pair(h: int, w: int, th: int, tw: int, device: str):
+    import torch
+
+    ah, aw = area_weights(h, th).astype(np.float64), area_weights(w, tw).astype(np.float64)
+    return torch.from_numpy(ah).to(device), torch.from_numpy(aw).to(device).T
+
+
+def grey_thumbnail_gpu(luma, width: int) -> np.ndarray:
+    """The motion gate's thumbnail (:func:`raydetect.video.gate.grey_thumbnail`) of a frame whose
+    limited-range luma plane ``[h, w]`` uint8 is on the GPU: grey conversion and area downscale
+    on the device, rounded as OpenCV's uint8 INTER_AREA (integer factors: the exact block sum
+    times ``float32(1 / area)``, rounded half to even; other factors: overlap-weighted means);
+    only the thumbnail comes to the host."""
+    import torch
+
+    h, w = int(luma.shape[0]), int(luma.shape[1])
+    height = max(1, round(h * width / w))
+    dev = str(luma.device)
+    grey = _grey_lut(dev)[luma.to(torch.int64)]
+    if (h, w) == (height, width):
+        small = grey
+    elif h % height == 0 and w % width == 0:  # block sums: exact, whatever the matmul precision
+        fh, fw = h // height, w // width
+        sums = grey.view(height, fh, width, fw).sum(dim=(1, 3))
+        small = torch.round(sums * torch.tensor(1.0 / (fh * fw), dtype=torch.float32, device=dev))
+    else:  # float64 products: no TF32 whatever the process's matmul setting
+        ah, aw = _area_pair(h, w, height, width, dev)
+        small = torch.round((ah @ grey.double() @ aw).float())
+    return small.clamp_(0, 255).cpu().numpy().astype(np.float32)
+
+
+class NvdecFrame:
+    """One decoded frame in GPU memory (NV12); pixels are converted on the device on request."""
+
+    __slots__ = ("nv12", "pts", "width", "height", "matrix")
+
+    def __init__(self, nv12, pts: int, width: int, height: int, matrix: str = "bt601") -> None:
+        self.nv12 = nv12
         self.pts = pts
-        self.height, self.width = int(data.shape[0]), int(data.shape[1])
+        self.width = width
+        self.height = height
+        self.matrix = matrix
+
+    def rgb(self):
+        """RGB ``[3, h, w]`` uint8 CUDA tensor (the detector's GPU stage takes it as is)."""
+        return nv12_to_rgb(self.nv12, self.height, self.width, self.matrix)
 
     def bgr(self) -> np.ndarray:
-        return self.data.flip(-1).contiguous().cpu().numpy()
+        """HWC BGR on the host (for a detector on the CPU data path)."""
+        return self.rgb().flip(0).permute(1, 2, 0).contiguous().cpu().numpy()
 
     def grey(self) -> np.ndarray:
-        x = self.data.float()
-        y = x[..., 0] * 0.299 + x[..., 1] * 0.587 + x[..., 2] * 0.114
-        return y.round().clamp(0, 255).to(dtype=self.data.dtype).cpu().numpy()
+        lut = _grey_lut(str(self.nv12.device))
+        return lut[self.nv12[: self.height].long()].to(dtype=self.nv12.dtype).cpu().numpy()
+
+    def thumbnail(self, width: int) -> np.ndarray:
+        return grey_thumbnail_gpu(self.nv12[: self.height], width)
 
 
-def iter_segment_frames_nvdec(
-    fileobj,
-    segment: Segment,
-    time_base: Fraction,
-    frame_pts: Fraction,
-    end_pts: int | None,
-    stats: DecodeStats,
-    *,
-    chunk_s: float = 2.0,
-    device: str = "cuda",
-) -> Iterator[tuple[TensorFrame, int | None]]:
-    """NVDEC counterpart of :func:`raydetect.video.decode.iter_segment_frames`."""
-    from torchcodec.decoders import VideoDecoder
+class NvdecPacketDecoder:
+    """A NVDEC session for one PyAV stream: ``decode(packet)`` → the :class:`NvdecFrame` s that
+    the packet completes (display order, PTS = the PTS of the picture's own packet); a packet of
+    size 0 (PyAV's flush packet at the end of the demux) drains the decoder.
 
-    t0 = time.perf_counter()
-    try:
-        dec = VideoDecoder(fileobj, device=device, seek_mode="approximate", dimension_order="NHWC")
-    except Exception as e:
-        stats.seconds += time.perf_counter() - t0
-        stats.add_error(None, f"nvdec open failed: {type(e).__name__}: {e}", merge=False)
-        stats.eof = True
-        return
-    md = dec.metadata
-    begin_s = float(getattr(md, "begin_stream_seconds", None) or 0.0)
-    stream_end_s = getattr(md, "end_stream_seconds", None) or getattr(md, "duration_seconds", None) or 0.0
-    if end_pts is not None:
-        stream_end_s = max(stream_end_s, float(end_pts * time_base))
-    stats.seconds += time.perf_counter() - t0
+    Raises :class:`NvdecUnsupported` for a codec or pixel format NVDEC does not take here."""
 
-    def to_pts(seconds: float) -> int:
-        return math.floor(Fraction(seconds) / time_base + Fraction(1, 2))
+    def __init__(self, stream, gpu_id: int | None = None) -> None:
+        import PyNvVideoCodec as nvc
+        import torch
 
-    # Start one tick before the segment so the frame playing then (the previous one) is seen.
-    lo = float((segment.start - 1) * time_base) if segment.start is not None else begin_s
-    hi_limit = float(segment.end * time_base) if segment.end is not None else stream_end_s
-    prev: int | None = None
-    last_seen: int | None = None
-    beyond = 0
-    lo = max(lo, begin_s)
-    while lo < hi_limit + float(frame_pts * time_base) and beyond == 0:
-        hi = lo + chunk_s
-        t0 = time.perf_counter()
-        try:
-            batch = dec.get_frames_played_in_range(lo, hi)
-        except Exception as e:
-            stats.seconds += time.perf_counter() - t0
-            stats.add_error(last_seen, f"nvdec decode error: {type(e).__name__}: {e}", merge=False)
-            stats.eof = True
-            return
-        stats.seconds += time.perf_counter() - t0
-        if len(batch.pts_seconds) == 0 and hi >= stream_end_s:
-            break
-        for i, ps in enumerate(batch.pts_seconds.tolist()):
-            pts = to_pts(ps)
-            if last_seen is not None and pts <= last_seen:
-                continue  # the frame still playing at the chunk start was already seen
-            last_seen = pts
-            stats.max_pts = pts if stats.max_pts is None else max(stats.max_pts, pts)
-            if segment.start is not None and pts < segment.start:
-                stats.extra += 1
-                prev = pts
-                continue
-            if segment.end is not None and pts >= segment.end:
-                stats.extra += 1
-                beyond += 1
-                continue
-            stats.frames += 1
-            yield TensorFrame(batch.data[i], pts), prev
-            prev = pts
-        lo = hi
-    if beyond == 0:
-        stats.eof = True
+        cc = stream.codec_context
+        codec = cc.name
+        if codec not in NVDEC_CODECS:
+            raise NvdecUnsupported(f"codec {codec} is not decoded by NVDEC")
+        pix = cc.pix_fmt
+        if pix is not None and pix not in NV12_PIX_FMTS:
+            raise NvdecUnsupported(f"pixel format {pix} (only 8-bit 4:2:0 goes to NVDEC)")
+        self.gpu_id = torch.cuda.current_device() if gpu_id is None else gpu_id
+        self.device = f"cuda:{self.gpu_id}"
+        self.width, self.height = int(cc.width), int(cc.height)
+        self.matrix = matrix_of(getattr(cc, "colorspace", None))
+        self.bsf = None
+        if codec in ANNEXB_FILTERS:
+            from av.bitstream import BitStreamFilterContext
+
+            self.bsf = BitStreamFilterContext(ANNEXB_FILTERS[codec], stream)
+        self._nvc = nvc
+        self.decoder = nvc.CreateDecoder(
+            gpuid=self.gpu_id, codec=getattr(nvc.cudaVideoCodec, NVDEC_CODECS[codec]), usedevicememory=True
+        )
+        self.frames = 0
+
+    def _feed(self, data: np.ndarray | None, pts: int | None) -> list:
+        pkt = self._nvc.PacketData()
+        if data is None or data.size == 0:
+            pkt.bsl_data, pkt.bsl = 0, 0
+            eos = getattr(getattr(self._nvc, "VideoPacketFlag", None), "ENDOFSTREAM", None)
+            if eos is not None:
+                pkt.decode_flag = eos
+        else:
+            pkt.bsl_data, pkt.bsl = int(data.ctypes.data), int(data.size)
+        if pts is not None:
+            pkt.pts = int(pts)
+        return list(self.decoder.Decode(pkt))
+
+    def decode(self, packet) -> list[NvdecFrame]:
+        import torch
+
+        if packet.size == 0:
+            if self.bsf is not None:
+                pending = self.bsf.filter(None)
+                out = [f for p in pending for f in self._feed(np.frombuffer(p, np.uint8), p.pts)]
+            else:
+                out = []
+            out += self._feed(None, None)
+        elif self.bsf is not None:
+            out = [f for p in self.bsf.filter(packet) for f in self._feed(np.frombuffer(p, np.uint8), p.pts)]
+        else:
+            out = self._feed(np.frombuffer(packet, np.uint8), packet.pts)
+        frames = []
+        for f in out:
+            nv12 = self._nv12(f)
+            frames.append(NvdecFrame(nv12, int(f.getPTS()), self.width, self.height, self.matrix))
+        if frames:
+            # the decoder reuses its output surfaces: our copies must be done before the next call
+            torch.cuda.current_stream(self.device).synchronize()
+        self.frames += len(frames)
+        return frames
+
+    def _nv12(self, f):
+        """A torch copy (ours, so the decoder may reuse its surface) of a decoded NV12 frame,
+        ``[h * 3 / 2, w]`` uint8 on the device."""
+        import torch
+
+        t = torch.from_dlpack(f)
+        if t.ndim == 3 and t.shape[-1] == 1:
+            t = t[..., 0]
+        if t.ndim != 2 or t.shape[1] < self.width or t.shape[0] < self.height * 3 // 2:
+            raise RuntimeError(f"unexpected NVDEC frame layout {tuple(t.shape)} for {self.width}x{self.height} NV12")
+        if t.shape[1] != self.width:
+            t = t[:, : self.width]
+        return t.clone()
 
 
-# --- PyNvVideoCodec backend ------------------------------------------------------------------
+# --- PyNvVideoCodec's own demuxer (benchmark comparison) -----------------------------------------
 
 
 @functools.lru_cache(maxsize=1)
@@ -202,13 +338,11 @@ def pynvvideocodec_availability() -> tuple[bool, str]:
 def iter_file_frames_pynvvideocodec(
     path: str, *, rgb_to_host: bool = False, gpu_id: int = 0, batch: int = 32, decoder=None
 ) -> Iterator[tuple[int, np.ndarray | None]]:
-    """Every frame of the local file ``path`` decoded by NVDEC, in presentation order, as
-    ``(pts, rgb)``: ``pts`` in ticks of the stream time base (as PyAV gives them), ``rgb`` a host
-    HWC uint8 RGB array when ``rgb_to_host`` (GPU colour conversion, copied through DLPack with
-    torch), else ``None`` (frames stay in GPU memory as NV12: decode only).
-
-    ``decoder``: an open ``PyNvVideoCodec.SimpleDecoder`` to reuse (it is rewound to frame 0), so
-    that repeated passes do not pay the session start again."""
+    """Every frame of the local file ``path`` decoded by PyNvVideoCodec's ``SimpleDecoder`` (its
+    own demuxer), as ``(pts, rgb)``: ``pts`` as that decoder reports it (not PyAV's PTS for
+    streams with B-frames: see the module doc), ``rgb`` a host HWC uint8 RGB array when
+    ``rgb_to_host``, else ``None`` (decode only). ``decoder``: an open ``SimpleDecoder`` to reuse
+    (rewound to frame 0)."""
     if decoder is None:
         decoder = open_pynvvideocodec(path, rgb=rgb_to_host, gpu_id=gpu_id)
     else:
@@ -226,7 +360,7 @@ def iter_file_frames_pynvvideocodec(
             yield int(f.getPTS()), (to_host(f) if to_host else None)
 
 
-def open_pynvvideocodec(path: str, *, rgb: bool = False, gpu_id: int = 0):
+def open_pynvvideocodec(path: str, *, rgb: bool = False, gpu_id: int = 0) -> Any:
     """A ``PyNvVideoCodec.SimpleDecoder`` on ``path`` with device-memory output (NV12, or RGB HWC)."""
     import PyNvVideoCodec as nvc
 
@@ -235,14 +369,7 @@ def open_pynvvideocodec(path: str, *, rgb: bool = False, gpu_id: int = 0):
 
 
 def cuda_synchronize() -> None:
-    """Wait for the GPU (cupy or torch, whichever imports), so that timings include all work."""
-    try:
-        import cupy
-
-        cupy.cuda.runtime.deviceSynchronize()
-        return
-    except Exception:
-        pass
+    """Wait for the GPU (torch), so that timings include all work."""
     try:
         import torch
 

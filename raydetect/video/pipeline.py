@@ -1,11 +1,16 @@
 """Ray Data wiring of the video path of the batch job.
 
     uris ──from_items──▶ flat_map(plan_video) ──repartition(1 row/block)──▶
-        map_batches(VideoSegmentDetector, ActorPoolStrategy, batch_size=1) ──▶ segment stats
+        map_batches(VideoSegmentDetector, ActorPoolStrategy, batch_size=video.sessions) ──▶ segment stats
 
 * one row per (video, segment): a long video keeps as many actors busy as it has segments;
-* each actor holds one :class:`~raydetect.detector.Detector`, decodes its segment from the
-  file object (fsspec, range reads) and detects in the same process;
+* each actor holds one :class:`~raydetect.detector.Detector` and takes ``video.sessions``
+  segments per call: it decodes them at once (one thread, and on NVDEC one decoder session,
+  each) from the file objects (fsspec, range reads) and fills its engine batches with the
+  frames of all of them, in the same process (:func:`~raydetect.video.detect.detect_segments`);
+* the decoder is chosen once per actor (:func:`resolve_decoder`: ``auto`` takes NVDEC when the
+  actor has a GPU and PyNvVideoCodec works) and falls back to the CPU per segment; the reason is
+  in the segment's and the video's ``decoder_reason``;
 * each segment's frame rows are written by the actor to
   ``OUTPUT/_videos/<name>-<hash>-s<segment>.parquet`` — a deterministic name per (video, segment),
   so a retried segment replaces its file instead of adding rows (exactly once by construction);
@@ -35,7 +40,7 @@ from raydetect import shards as sh
 from raydetect.config import DetectorConfig, JobConfig, StorageConfig, VideoConfig
 from raydetect.storage import filesystem, to_uri
 from raydetect.types import VIDEO_SUMMARY_SCHEMA, frame_results_to_table
-from raydetect.video.detect import SegmentTask, detect_segment, plan_video
+from raydetect.video.detect import SegmentTask, detect_segments, plan_video
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +68,7 @@ SEGMENT_STATS_SCHEMA = pa.schema(
         ("decode_s", pa.float64()),
         ("infer_s", pa.float64()),
         ("decoder", pa.string()),
+        ("decoder_reason", pa.string()),
         ("error", pa.string()),
         ("worker", pa.string()),
         ("file", pa.string()),
@@ -83,25 +89,28 @@ def frames_file_name(uri: str, segment: int) -> str:
     return f"{stem}-{digest}-s{segment:06d}.parquet"
 
 
-def resolve_decoder(choice: str, num_gpus: float) -> tuple[str, str]:
-    """``(decoder, reason)`` for a ``video.decoder`` choice in an actor with ``num_gpus``."""
+def resolve_decoder(choice: str, num_gpus: float, availability=None) -> tuple[str, str]:
+    """``(decoder, reason)`` for a ``video.decoder`` choice in an actor with ``num_gpus``:
+    ``nvdec`` when asked for (``nvdec``, or ``auto`` in an actor with a GPU) and
+    :func:`~raydetect.video.nvdec.nvdec_availability` says yes, else ``cpu`` and why.
+    ``availability``: that function (tests pass another)."""
     if choice == "cpu":
         return "cpu", "requested"
-    from raydetect.video.nvdec import nvdec_availability
-
-    ok, reason = nvdec_availability()
+    if choice == "auto" and num_gpus <= 0:
+        return "cpu", "auto: no GPU assigned to the actor"
+    if availability is None:
+        from raydetect.video.nvdec import nvdec_availability as availability
+    ok, reason = availability()
+    if ok:
+        return "nvdec", reason
     if choice == "nvdec":
-        if not ok:
-            log.warning("nvdec requested but unavailable (%s); decoding on the CPU", reason)
-            return "cpu", f"nvdec unavailable: {reason}"
-        return "nvdec", reason
-    if ok and num_gpus > 0:
-        return "nvdec", reason
-    return "cpu", reason if not ok else "no GPU assigned to the actor"
+        log.warning("nvdec requested but unavailable (%s); decoding on the CPU", reason)
+    return "cpu", f"NVDEC unavailable: {reason}"
 
 
 class VideoSegmentDetector:
-    """``map_batches`` callable: one segment task per call → its counters (one row)."""
+    """``map_batches`` callable: ``video.sessions`` segment tasks per call → their counters
+    (one row each)."""
 
     def __init__(
         self, config: DetectorConfig, video: VideoConfig, output: str, num_gpus: float = 0.0
@@ -120,18 +129,33 @@ class VideoSegmentDetector:
         self.metrics = JobMetrics(output)  # frames / detections / errors counters of the job
 
     def __call__(self, batch: dict[str, Any]) -> pa.Table:
-        stats = []
-        for text in batch["task"]:
-            stats.append(self.run(SegmentTask.from_json(str(text))))
+        tasks = [SegmentTask.from_json(str(text)) for text in batch["task"]]
+        stats = self.run_many(tasks)
         return pa.Table.from_pylist(stats, schema=SEGMENT_STATS_SCHEMA)
 
     def run(self, task: SegmentTask) -> dict[str, Any]:
+        return self.run_many([task])[0]
+
+    def run_many(self, tasks: list[SegmentTask]) -> list[dict[str, Any]]:
+        out: list[dict[str, Any] | None] = [None] * len(tasks)
+        todo: list[int] = []
+        for k, task in enumerate(tasks):
+            path = f"{self.frames_dir}/{frames_file_name(task.uri, task.segment.index)}"
+            done = read_segment_stats(self.out_fs, path)
+            if done is not None:  # written by an earlier run of the same job (the manifest says so)
+                out[k] = {**done, "resumed": True}
+            else:
+                todo.append(k)
+        if todo:
+            reason = None if self.decoder == "nvdec" else self.decoder_reason
+            outcomes = detect_segments(self.detector, [tasks[k] for k in todo], self.video, self.storage,
+                                       decoder=self.decoder, decoder_reason=reason)
+            for k, outcome in zip(todo, outcomes, strict=True):
+                out[k] = self._write(tasks[k], outcome)
+        return out  # type: ignore[return-value]
+
+    def _write(self, task: SegmentTask, outcome) -> dict[str, Any]:
         name = frames_file_name(task.uri, task.segment.index)
-        path = f"{self.frames_dir}/{name}"
-        done = read_segment_stats(self.out_fs, path)
-        if done is not None:  # written by an earlier run of the same job (the manifest says so)
-            return {**done, "resumed": True}
-        outcome = detect_segment(self.detector, task, self.video, self.storage, decoder=self.decoder)
         ident = {
             "model_sha256": self.detector.card.sha256,
             "engine": self.detector.engine.name,
@@ -140,7 +164,7 @@ class VideoSegmentDetector:
         stats = {**outcome.stats, "file": name, **ident, "resumed": False}
         table = frame_results_to_table(outcome.rows, **ident)
         table = table.replace_schema_metadata({SEGMENT_META_KEY: json.dumps(stats)})
-        sh.write_bytes_atomic(self.out_fs, path, sh.table_to_parquet_bytes(table))
+        sh.write_bytes_atomic(self.out_fs, f"{self.frames_dir}/{name}", sh.table_to_parquet_bytes(table))
         self.metrics.record(table)
         return stats
 
@@ -160,8 +184,9 @@ def read_segment_stats(fs, path: str) -> dict[str, Any] | None:
 
 def video_settings(video: VideoConfig) -> dict[str, Any]:
     """The video options that change the results (recorded in the job manifest: resuming with
-    other values is refused). The decoder choice is left out: CPU and NVDEC decode the same frames."""
-    return video.model_dump(mode="json", exclude={"decoder"})
+    other values is refused). The decoder choice and the sessions per actor are left out: CPU and
+    NVDEC decode the same frames, in any grouping."""
+    return video.model_dump(mode="json", exclude={"decoder", "sessions"})
 
 
 def _plan_rows(row: dict[str, Any], video: VideoConfig, storage: StorageConfig) -> list[dict[str, Any]]:
@@ -188,7 +213,7 @@ def build_video_dataset(cfg: JobConfig, uris: list[str]):
             "output": cfg.output,
             "num_gpus": cfg.num_gpus,
         },
-        batch_size=1,
+        batch_size=cfg.video.sessions,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(min_size=min(cfg.min_actors, max_size), max_size=max_size),
         num_cpus=cfg.num_cpus,
@@ -219,6 +244,7 @@ def summarize_videos(segment_rows: list[dict[str, Any]]) -> pa.Table:
             segments=len(segs),
             decode_fps=row["frames_decoded"] / row["decode_s"] if row["decode_s"] > 0 else None,
             decoder=",".join(sorted({s["decoder"] for s in segs})),
+            decoder_reason="; ".join(sorted({s.get("decoder_reason") for s in segs} - {None})) or None,
             error=errors[0] if errors else None,
             model_sha256=first.get("model_sha256"),
             engine=first.get("engine"),
