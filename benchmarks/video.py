@@ -9,7 +9,7 @@ no re-encoding), read through an fsspec file object as the job does.
 
 Decode: frames/s of PyAV on the CPU (decode only; decode + BGR conversion, i.e. what the
 detector receives; and decode by 2-s segments with keyframe seeks), and of NVDEC through
-torchcodec when :func:`raydetect.video.nvdec.nvdec_availability` allows it (else the reason is
+PyNvVideoCodec fed by PyAV's demuxer (the job's path) when :func:`raydetect.video.nvdec.nvdec_availability` allows it (else the reason is
 recorded as "nvdec: unavailable (...)"). Medians of ``--repeats``.
 
 NVDEC through NVIDIA's PyNvVideoCodec (when :func:`pynvvideocodec_availability` allows it):
@@ -109,16 +109,14 @@ def cpu_decode(path: str, segment_s: float | None, bgr: bool) -> tuple[int, floa
 
 
 def nvdec_decode(path: str, bgr: bool) -> tuple[int, float]:
+    """NVDEC through the job's path (PyAV demux, PyNvVideoCodec decode, frames in GPU memory);
+    ``bgr``: also convert on the GPU and copy to the host (what a CPU detector would get)."""
     import torch
 
-    from raydetect.video.nvdec import iter_segment_frames_nvdec
-
-    info = probe_video(path)
     task = plan_video(path, VideoConfig(segment_s=86_400))[0]
     n, t0 = 0, time.perf_counter()
-    with open(path, "rb") as f:
-        for fr, _ in iter_segment_frames_nvdec(f, task.segment, info.time_base, info.frame_pts, info.end_pts,
-                                               DecodeStats()):
+    with open_video(path) as (c, s):
+        for fr, _ in iter_segment_frames(c, s, task.segment, DecodeStats(), decoder="nvdec"):
             if bgr:
                 fr.bgr()
             n += 1
@@ -295,8 +293,8 @@ def main() -> None:
     }
     ok, reason = nvdec_availability()
     if ok:
-        decode["nvdec_torchcodec_decode_only"] = median_fps(lambda: nvdec_decode(path, False), args.repeats)
-        decode["nvdec_torchcodec_decode_bgr_to_host"] = median_fps(lambda: nvdec_decode(path, True), args.repeats)
+        decode["nvdec_pyav_demux_decode_only"] = median_fps(lambda: nvdec_decode(path, False), args.repeats)
+        decode["nvdec_pyav_demux_decode_bgr_to_host"] = median_fps(lambda: nvdec_decode(path, True), args.repeats)
         decode["nvdec"] = f"available ({reason})"
     else:
         decode["nvdec"] = f"unavailable ({reason})"
@@ -520,6 +518,314 @@ def markdown(r: dict) -> str:
     ]
     return "\n".join(lines)
 
+# --- NVDEC in the job at 1080p (issue 15) -----------------------------------------------------
+#
+#   python benchmarks/video.py --gpu clips,decode,inproc,job --minutes 10 --files 4 \
+#       --model MODEL --out benchmarks/results/video_gpu
+#
+# clips: the traffic clip upscaled to 1920x1080, re-encoded with PyAV at 30 fps (libx264 /
+# libx265, B-frames on) and remuxed in loops to ``--minutes`` in total over ``--files`` files per
+# codec. decode: decode-only frames/s of one NVDEC session (the job's path: PyAV demux, NVDEC
+# decode to an NV12 device tensor) and of N sessions in N threads of one process, and PyAV on
+# the CPU alike. inproc: decode + detect in one process without Ray
+# (:func:`raydetect.video.detect.detect_segments`). job: the Ray Data video job
+# (:func:`raydetect.video.pipeline.run_video_job`) with NVDEC and with the CPU decoder on the same
+# machine and detector: frames/s over the whole job (actor start included) and steady (first
+# segment start to last segment end), and 1080p30 streams = steady frames/s / 30.
+# Each step writes ``<out>.<step>.json``; ``--merge`` folds them into ``<out>.json|md``.
+
+CODECS = {"h264": ("libx264", {"preset": "veryfast", "bf": "3"}),
+          "hevc": ("libx265", {"preset": "superfast", "x265-params": "bframes=3:log-level=error"})}
+
+
+def make_clip(src: Path, dst: Path, codec: str, width: int = 1920, height: int = 1080, rate: int = 30) -> dict:
+    """``src`` upscaled to ``width`` x ``height`` and re-encoded with PyAV (``codec``: h264 or
+    hevc, B-frames on) at ``rate`` frames/s."""
+    from fractions import Fraction
+
+    enc, opts = CODECS[codec]
+    n = 0
+    with av.open(str(src)) as inp, av.open(str(dst), "w", format="mp4") as out:
+        s = out.add_stream(enc, rate=rate, options=dict(opts))
+        s.width, s.height, s.pix_fmt = width, height, "yuv420p"
+        for fr in inp.decode(video=0):
+            img = fr.reformat(width=width, height=height, format="yuv420p", interpolation="BICUBIC")
+            img.pts, img.time_base = n, Fraction(1, rate)
+            for p in s.encode(img):
+                out.mux(p)
+            n += 1
+        for p in s.encode():
+            out.mux(p)
+    return {"codec": codec, "encoder": enc, "options": opts, "frames": n, "bytes": dst.stat().st_size}
+
+
+def make_gpu_clips(work: Path, codecs: list[str], minutes: float, files: int) -> dict:
+    work.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for codec in codecs:
+        one = work / f"traffic-{codec}-1080p30-once.mp4"
+        info = make_clip(CLIP, one, codec)
+        loops = max(1, -(-int(minutes * 60 * 30) // (info["frames"] * files)))
+        paths = []
+        for i in range(files):
+            dst = work / f"traffic-{codec}-1080p30-{i}.mp4"
+            loop_clip(one, dst, loops)
+            paths.append(str(dst))
+        probe = probe_video(paths[0])
+        out[codec] = {**info, "loops_per_file": loops, "files": paths, "duration_s_per_file": probe.duration_s,
+                      "total_minutes": probe.duration_s * files / 60, "width": probe.width, "height": probe.height,
+                      "has_b_frames": _has_b_frames(one)}
+    return out
+
+
+def _has_b_frames(path: Path) -> bool:
+    """A packet whose PTS is below an earlier packet's: pictures reordered, i.e. B-frames."""
+    with av.open(str(path)) as c:
+        pts = [p.pts for p in c.demux(video=0) if p.pts is not None]
+    return any(b < a for a, b in zip(pts, pts[1:], strict=False))
+
+
+def decode_sessions(paths: list[str], decoder: str, sessions: int, rgb: bool = False, limit: int = 1500) -> dict:
+    """Frames/s of ``sessions`` threads, each decoding the first ``limit`` frames of a file
+    (``paths`` round robin)."""
+    import threading
+
+    counts = [0] * sessions
+
+    def work(k: int) -> None:
+        path = paths[k % len(paths)]
+        task = plan_video(path, VideoConfig(segment_s=86_400))[0]
+        with open_video(path) as (c, s):
+            for fr, _ in iter_segment_frames(c, s, task.segment, DecodeStats(), decoder=decoder):
+                if rgb:
+                    fr.rgb() if decoder == "nvdec" else fr.bgr()
+                counts[k] += 1
+                if counts[k] >= limit:
+                    break
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(sessions)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if decoder == "nvdec":
+        from raydetect.video.nvdec import cuda_synchronize
+
+        cuda_synchronize()
+    dt = time.perf_counter() - t0
+    return {"sessions": sessions, "frames": sum(counts), "seconds": dt, "fps": sum(counts) / dt}
+
+
+def detector_config(args) -> DetectorConfig:
+    return DetectorConfig(model=args.model, engine=args.engine, precision=args.precision,
+                          batch_size=args.batch, conf=args.conf)
+
+
+def inproc_job(det, paths: list[str], decoder: str, sessions: int, args) -> dict:
+    """Decode + detect without Ray: all segments of ``paths``, ``sessions`` at a time."""
+    from raydetect.video.detect import detect_segments
+
+    video = VideoConfig(segment_s=args.segment_s, decoder=decoder, sessions=sessions)
+    tasks = [t for p in paths for t in plan_video(p, video)]
+    t0 = time.perf_counter()
+    frames = processed = dets = 0
+    used = set()
+    for i in range(0, len(tasks), sessions):
+        for o in detect_segments(det, tasks[i : i + sessions], video, decoder=decoder):
+            frames += o.stats["frames_decoded"]
+            processed += o.stats["frames_processed"]
+            dets += o.stats["detections"]
+            used.add((o.stats["decoder"], o.stats["decoder_reason"]))
+    dt = time.perf_counter() - t0
+    return {"decoder": decoder, "sessions": sessions, "segments": len(tasks), "frames": frames,
+            "processed": processed, "detections": dets, "seconds": dt, "fps": frames / dt,
+            "decoders_used": sorted(map(str, used)), "engine": det.engine.name, "stages": det.info()["stages"]}
+
+
+def ray_job(paths: list[str], decoder: str, actors: int, sessions: int, args, tag: str) -> dict:
+    """The Ray Data video job over ``paths`` (Ray initialised by the caller)."""
+    import fsspec
+
+    from raydetect.config import JobConfig
+    from raydetect.video.pipeline import run_video_job
+
+    out = Path(tempfile.mkdtemp(prefix=f"vjob-{tag}-"))
+    cfg = JobConfig(input=str(Path(paths[0]).parent), output=str(out), detector=detector_config(args),
+                    concurrency=actors, min_actors=actors, num_gpus=round(1.0 / actors, 4),
+                    num_cpus=max(1.0, ((os.cpu_count() or 2) - 2) / actors), progress=False, report=False,
+                    video=VideoConfig(segment_s=args.segment_s, decoder=decoder, sessions=sessions))
+    t0 = time.perf_counter()
+    summ = run_video_job(cfg, fsspec.filesystem("file"), paths)
+    wall = time.perf_counter() - t0
+    rows = summ.segment_rows
+    span = max(r["finished"] for r in rows) - min(r["started"] for r in rows)
+    steady = summ.frames_decoded / span if span > 0 else None
+    shutil.rmtree(out, ignore_errors=True)
+    return {"tag": tag, "decoder": decoder, "actors": actors, "gpu_per_actor": cfg.num_gpus, "sessions": sessions,
+            "segments": summ.segments, "frames": summ.frames_decoded, "processed": summ.frames_processed,
+            "detections": summ.detections, "errors": summ.errors, "seconds_total": wall, "fps_total": summ.frames_decoded / wall,
+            "seconds_steady": span, "fps_steady": steady, "streams_1080p30": None if steady is None else steady / 30,
+            "decoders_used": sorted({f"{r['decoder']}: {r['decoder_reason']}" for r in rows}),
+            "workers": len({r["worker"] for r in rows})}
+
+
+def gpu_main(argv: list[str]) -> None:
+    ap = argparse.ArgumentParser(description="NVDEC in the video job (1080p H.264/HEVC)")
+    ap.add_argument("--gpu", default="clips,decode,inproc,job", help="steps: clips,decode,inproc,job")
+    ap.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "raydetect-video-gpu"))
+    ap.add_argument("--codecs", default="h264,hevc")
+    ap.add_argument("--minutes", type=float, default=10.0)
+    ap.add_argument("--files", type=int, default=4)
+    ap.add_argument("--sessions", default="1,2,4,8")
+    ap.add_argument("--model", default=str(DATA / "models" / "yolov5n-coco.onnx"))
+    ap.add_argument("--engine", default="torch")
+    ap.add_argument("--precision", default="fp16")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--conf", type=float, default=0.25)
+    ap.add_argument("--segment-s", type=float, default=60.0)
+    ap.add_argument("--jobs", default="nvdec:h264:1:4,nvdec:h264:2:4,nvdec:hevc:2:4,cpu:h264:4:4",
+                    help="decoder:codec:actors:sessions,...")
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "video_gpu"))
+    ap.add_argument("--merge", nargs="*", help="step JSON files to fold into --out (no runs)")
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    if args.merge is not None:
+        return merge_gpu(args.merge, out)
+    steps = args.gpu.split(",")
+    work = Path(args.work)
+    codecs = args.codecs.split(",")
+    clips_json = work / "clips.json"
+    res: dict = {"command": "python benchmarks/video.py " + " ".join(argv), "machine": machine()}
+    if "clips" in steps:
+        t0 = time.perf_counter()
+        res["clips"] = make_gpu_clips(work, codecs, args.minutes, args.files)
+        res["clips_seconds"] = time.perf_counter() - t0
+        clips_json.write_text(json.dumps(res["clips"]))
+        print("clips:", {c: (v["frames"], v["loops_per_file"], round(v["total_minutes"], 2), v["has_b_frames"])
+                         for c, v in res["clips"].items()}, flush=True)
+    clips = json.loads(clips_json.read_text())
+    print("nvdec:", nvdec_availability(), flush=True)
+    if "decode" in steps:
+        dec: dict = {}
+        for codec in codecs:
+            paths = clips[codec]["files"]
+            for n in [int(x) for x in args.sessions.split(",")]:
+                dec[f"nvdec_{codec}_{n}"] = decode_sessions(paths, "nvdec", n)
+                print(codec, "nvdec", n, round(dec[f"nvdec_{codec}_{n}"]["fps"]), flush=True)
+            dec[f"nvdec_rgb_{codec}_4"] = decode_sessions(paths, "nvdec", 4, rgb=True)
+            for n in (1, 16):  # CPU decode at 1080p is slow: fewer frames
+                dec[f"cpu_{codec}_{n}"] = decode_sessions(paths, "cpu", n, limit=300 if n == 1 else 150)
+                print(codec, "cpu", n, round(dec[f"cpu_{codec}_{n}"]["fps"]), flush=True)
+        res["decode"] = dec
+    if "inproc" in steps:
+        from raydetect.detector import Detector
+
+        det = Detector(detector_config(args))
+        res["inproc"] = {}
+        for codec in codecs[:1]:
+            for decoder, sessions in (("nvdec", 1), ("nvdec", 4), ("nvdec", 8)):
+                r = inproc_job(det, clips[codec]["files"][:1], decoder, sessions, args)
+                res["inproc"][f"{decoder}_{codec}_{sessions}"] = r
+                print("inproc", codec, decoder, sessions, round(r["fps"]), r["decoders_used"], flush=True)
+    if "job" in steps:
+        import ray
+
+        ray.init(num_cpus=os.cpu_count(), num_gpus=1, include_dashboard=False, log_to_driver=False)
+        res["job"] = {}
+        for spec in args.jobs.split(","):
+            decoder, codec, actors, sessions = spec.split(":")
+            tag = f"{decoder}_{codec}_{actors}x{sessions}"
+            try:
+                r = ray_job(clips[codec]["files"], decoder, int(actors), int(sessions), args, tag)
+            except Exception as e:
+                r = {"tag": tag, "error": f"{type(e).__name__}: {e}"}
+            res["job"][tag] = r
+            print("job", tag, {k: r.get(k) for k in ("fps_total", "fps_steady", "streams_1080p30", "decoders_used",
+                                                     "error")}, flush=True)
+        ray.shutdown()
+    step_out = out.parent / f"{out.name}.{'_'.join(steps)}.json"
+    step_out.parent.mkdir(parents=True, exist_ok=True)
+    step_out.write_text(json.dumps(res, indent=2, default=str) + "\n")
+    print("wrote", step_out)
+
+
+def merge_gpu(files: list[str], out: Path) -> None:
+    """Fold step results into ``out.json|md`` with the ``summary`` object of issue 15."""
+    r: dict = {"runs": []}
+    for f in files:
+        d = json.loads(Path(f).read_text())
+        r["runs"].append({"command": d.get("command"), "machine": d.get("machine")})
+        for k in ("clips", "decode", "inproc", "job"):
+            if k in d:
+                r.setdefault(k, {}).update(d[k])
+    jobs = r.get("job", {})
+    dec = r.get("decode", {})
+    summary = []
+    for codec in ("h264", "hevc"):
+        nv = [j for j in jobs.values() if j.get("decoder") == "nvdec" and f"_{codec}_" in j["tag"] and j.get("fps_steady")]
+        cpu = [j for j in jobs.values() if j.get("decoder") == "cpu" and f"_{codec}_" in j["tag"] and j.get("fps_steady")]
+        if not nv:
+            continue
+        best = max(nv, key=lambda j: j["fps_steady"])
+        one = dec.get(f"nvdec_{codec}_1", {}).get("fps")
+        many = max((v["fps"] for k, v in dec.items() if k.startswith(f"nvdec_{codec}_")), default=None)
+        summary.append({
+            "gpu": (r["runs"][0]["machine"] or {}).get("gpu"), "codec": codec, "resolution": "1920x1080",
+            "decode_only_fps": one, "decode_only_fps_best_sessions": many,
+            "job_fps": best["fps_steady"], "job_fps_total": best["fps_total"], "job_run": best["tag"],
+            "streams_1080p30": best["streams_1080p30"],
+            "cpu_job_fps": max((j["fps_steady"] for j in cpu), default=None),
+            "vs_cpu_job": (best["fps_steady"] / max(j["fps_steady"] for j in cpu)) if cpu else None,
+        })
+    r["summary"] = summary[0] if len(summary) == 1 else {"h264": summary[0], "hevc": summary[1]} if summary else {}
+    r["summaries"] = summary
+    out.with_suffix(".json").write_text(json.dumps(r, indent=2, default=str) + "\n")
+    out.with_suffix(".md").write_text(markdown_gpu(r) + "\n")
+    print(f"wrote {out.with_suffix('.json')} and .md")
+
+
+def markdown_gpu(r: dict) -> str:
+    lines = ["# NVDEC in the video job (1080p, issue 15)", ""]
+    for run in r["runs"]:
+        m = run["machine"] or {}
+        lines.append(f"- `{run['command']}` on {m.get('gpu')}, {m.get('cpus')} CPUs, PyAV {m.get('pyav')}")
+    lines += ["", "## Summary", "", "| " + " | ".join(k for k in (r["summaries"][0] if r["summaries"] else {})) + " |"]
+    if r["summaries"]:
+        lines.append("|" + "---|" * len(r["summaries"][0]))
+        for s in r["summaries"]:
+            lines.append("| " + " | ".join(f"{v:.1f}" if isinstance(v, float) else str(v) for v in s.values()) + " |")
+    if r.get("clips"):
+        lines += ["", "## Clips", "", "| codec | encoder | frames once | loops/file | files | minutes | B-frames |", "|---|---|---|---|---|---|---|"]
+        for c, v in r["clips"].items():
+            lines.append(f"| {c} | {v['encoder']} {v['options']} | {v['frames']} | {v['loops_per_file']} | "
+                         f"{len(v['files'])} | {v['total_minutes']:.1f} | {v['has_b_frames']} |")
+    if r.get("decode"):
+        lines += ["", "## Decode only (frames/s; N sessions = N threads of one process)", "",
+                  "| run | sessions | frames | frames/s |", "|---|---|---|---|"]
+        for k, v in r["decode"].items():
+            lines.append(f"| {k} | {v['sessions']} | {v['frames']} | {v['fps']:.0f} |")
+    if r.get("inproc"):
+        lines += ["", "## Decode + detect in one process, no Ray (frames/s)", "",
+                  "| run | frames | frames/s | decoders |", "|---|---|---|---|"]
+        for k, v in r["inproc"].items():
+            lines.append(f"| {k} | {v['frames']} | {v['fps']:.0f} | {'; '.join(v['decoders_used'])} |")
+    if r.get("job"):
+        lines += ["", "## Ray Data video job (frames/s)", "",
+                  "| run | actors x sessions | frames | total (incl. actor start) | steady | 1080p30 streams | decoders |",
+                  "|---|---|---|---|---|---|---|"]
+        for k, v in r["job"].items():
+            if "error" in v:
+                lines.append(f"| {k} | | | {v['error']} | | | |")
+                continue
+            lines.append(f"| {k} | {v['actors']} x {v['sessions']} | {v['frames']} | {v['fps_total']:.0f} | "
+                         f"{v['fps_steady']:.0f} | {v['streams_1080p30']:.1f} | {'; '.join(v['decoders_used'])} |")
+    return "\n".join(lines)
+
+
 
 if __name__ == "__main__":
-    main()
+    if any(a == "--gpu" or a.startswith("--gpu=") or a == "--merge" for a in sys.argv[1:]):
+        gpu_main(sys.argv[1:])
+    else:
+        main()

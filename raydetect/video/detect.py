@@ -155,6 +155,8 @@ def _initial_stats(task: SegmentTask, decoder: str, reason: str | None) -> dict[
         "decoder_reason": reason,
         "error": None,
         "worker": f"{socket.gethostname()}:{os.getpid()}",
+        "started": time.time(),
+        "finished": None,
     }
 
 
@@ -232,6 +234,7 @@ def _finish(run: _Run) -> SegmentOutcome:
         decoder=run.decoder,
         decoder_reason=run.reason,
         error=errors[0].error if errors else None,
+        finished=time.time(),
     )
     return SegmentOutcome(rows, run.stats)
 
@@ -254,7 +257,7 @@ def detect_segments(
     for k, run in enumerate(runs):
         if run.task.error is not None or run.task.info is None:
             rows = [_error_row(run.task, run.task.error or "no stream information")]
-            run.stats.update(errors=1, error=rows[0].error)
+            run.stats.update(errors=1, error=rows[0].error, finished=time.time())
             out[k] = SegmentOutcome(rows, run.stats)
         else:
             live.append(run)

@@ -220,6 +220,19 @@ class NvdecFrame:
         return grey_thumbnail_gpu(self.nv12[: self.height], width)
 
 
+def _codec_enum(nvc, name: str):
+    """``nvc.cudaVideoCodec.<name>`` (also spelled ``cudaVideoCodec_<name>``)."""
+    enum = nvc.cudaVideoCodec
+    for attr in (name, f"cudaVideoCodec_{name}"):
+        if hasattr(enum, attr):
+            return getattr(enum, attr)
+    members = getattr(enum, "__members__", {})
+    for k, v in members.items():
+        if k.upper().endswith(name):
+            return v
+    raise NvdecUnsupported(f"PyNvVideoCodec has no cudaVideoCodec {name} ({', '.join(members)})")
+
+
 class NvdecPacketDecoder:
     """A NVDEC session for one PyAV stream: ``decode(packet)`` → the :class:`NvdecFrame` s that
     the packet completes (display order, PTS = the PTS of the picture's own packet); a packet of
@@ -228,9 +241,6 @@ class NvdecPacketDecoder:
     Raises :class:`NvdecUnsupported` for a codec or pixel format NVDEC does not take here."""
 
     def __init__(self, stream, gpu_id: int | None = None) -> None:
-        import PyNvVideoCodec as nvc
-        import torch
-
         cc = stream.codec_context
         codec = cc.name
         if codec not in NVDEC_CODECS:
@@ -238,6 +248,9 @@ class NvdecPacketDecoder:
         pix = cc.pix_fmt
         if pix is not None and pix not in NV12_PIX_FMTS:
             raise NvdecUnsupported(f"pixel format {pix} (only 8-bit 4:2:0 goes to NVDEC)")
+        import PyNvVideoCodec as nvc
+        import torch
+
         self.gpu_id = torch.cuda.current_device() if gpu_id is None else gpu_id
         self.device = f"cuda:{self.gpu_id}"
         self.width, self.height = int(cc.width), int(cc.height)
@@ -248,9 +261,8 @@ class NvdecPacketDecoder:
 
             self.bsf = BitStreamFilterContext(ANNEXB_FILTERS[codec], stream)
         self._nvc = nvc
-        self.decoder = nvc.CreateDecoder(
-            gpuid=self.gpu_id, codec=getattr(nvc.cudaVideoCodec, NVDEC_CODECS[codec]), usedevicememory=True
-        )
+        self.decoder = nvc.CreateDecoder(gpuid=self.gpu_id, codec=_codec_enum(nvc, NVDEC_CODECS[codec]),
+                                         usedevicememory=True)
         self.frames = 0
 
     def _feed(self, data: np.ndarray | None, pts: int | None) -> list:

@@ -71,6 +71,8 @@ SEGMENT_STATS_SCHEMA = pa.schema(
         ("decoder_reason", pa.string()),
         ("error", pa.string()),
         ("worker", pa.string()),
+        ("started", pa.float64()),  # wall clock (Unix s) when the actor started the segment
+        ("finished", pa.float64()),
         ("file", pa.string()),
         ("model_sha256", pa.string()),
         ("engine", pa.string()),
