@@ -779,7 +779,8 @@ def merge_gpu(files: list[str], out: Path) -> None:
             kind = "in_process_no_ray"
             ip = r.get("inproc", {})
             nv = [{**j, "tag": k, "fps_steady": j["fps"], "fps_total": j["fps"], "streams_1080p30": j["fps"] / 30}
-                  for k, j in ip.items() if j.get("codec") == codec and k.startswith("nvdec") and j.get("fps")]
+                  for k, j in ip.items() if j.get("codec") == codec and k.startswith("nvdec") and j.get("fps")
+                  and all(d.startswith("('nvdec'") for d in j.get("decoders_used", []))]
             cpu = [{**j, "tag": k, "fps_steady": j["fps"]} for k, j in ip.items()
                    if k.startswith("cpu") and j.get("fps") and j.get("codec") == codec]
         if not nv:
