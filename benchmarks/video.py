@@ -701,11 +701,18 @@ def gpu_main(argv: list[str]) -> None:
     codecs = args.codecs.split(",")
     clips_json = work / "clips.json"
     res: dict = {"command": "python benchmarks/video.py " + " ".join(argv), "machine": machine()}
+    step_out = out.parent / f"{out.name}.{'_'.join(steps)}.json"
+    step_out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:  # after every step: a run cut short keeps what it measured
+        step_out.write_text(json.dumps(res, indent=2, default=str) + "\n")
+
     if "clips" in steps:
         t0 = time.perf_counter()
         res["clips"] = make_gpu_clips(work, codecs, args.minutes, args.files)
         res["clips_seconds"] = time.perf_counter() - t0
         clips_json.write_text(json.dumps(res["clips"]))
+        save()
         print("clips:", {c: (v["frames"], v["loops_per_file"], round(v["total_minutes"], 2), v["has_b_frames"])
                          for c, v in res["clips"].items()}, flush=True)
     clips = json.loads(clips_json.read_text())
@@ -721,7 +728,8 @@ def gpu_main(argv: list[str]) -> None:
             for n in (1, 16):  # CPU decode at 1080p is slow: fewer frames
                 dec[f"cpu_{codec}_{n}"] = decode_sessions(paths, "cpu", n, limit=200 if n == 1 else 100)
                 print(codec, "cpu", n, round(dec[f"cpu_{codec}_{n}"]["fps"]), flush=True)
-        res["decode"] = dec
+            res["decode"] = dec
+            save()
     if "inproc" in steps:
         from raydetect.detector import Detector
 
@@ -737,6 +745,7 @@ def gpu_main(argv: list[str]) -> None:
             res["inproc"][f"{decoder}_{codec}_{sessions}"] = r
             print("inproc", codec, decoder, sessions, round(r.get("fps", 0)), r.get("decoders_used"), r.get("error"),
                   flush=True)
+            save()
     if "job" in steps:
         import ray
 
@@ -753,9 +762,7 @@ def gpu_main(argv: list[str]) -> None:
             print("job", tag, {k: r.get(k) for k in ("fps_total", "fps_steady", "streams_1080p30", "decoders_used",
                                                      "error")}, flush=True)
         ray.shutdown()
-    step_out = out.parent / f"{out.name}.{'_'.join(steps)}.json"
-    step_out.parent.mkdir(parents=True, exist_ok=True)
-    step_out.write_text(json.dumps(res, indent=2, default=str) + "\n")
+    save()
     print("wrote", step_out)
 
 
