@@ -35,7 +35,7 @@ sys.path.insert(0, str(REPO))
 import pyarrow.parquet as pq  # noqa: E402
 
 from raydetect.config import DetectorConfig, JobConfig  # noqa: E402
-from raydetect.job import run_job  # noqa: E402
+from raydetect.job.run import run_job  # noqa: E402
 from tests.conftest import S3_KEY, S3_SECRET  # noqa: E402
 from tests.test_reliability import MODEL, MotoProcess, build_input, upload  # noqa: E402
 
@@ -91,7 +91,7 @@ def s3_paused(pause_s: float) -> dict:
                     stalls.append((record.created, record.getMessage()))
 
         handler = Catch()
-        logging.getLogger("raydetect.job").addHandler(handler)
+        logging.getLogger("raydetect.job.run").addHandler(handler)
 
         def job():
             try:
@@ -113,7 +113,7 @@ def s3_paused(pause_s: float) -> dict:
         time.sleep(pause_s)
         os.kill(m.proc.pid, signal.SIGCONT)
         th.join(timeout=600)
-        logging.getLogger("raydetect.job").removeHandler(handler)
+        logging.getLogger("raydetect.job.run").removeHandler(handler)
         outcome = "recovered" if "summary" in out else "failed with one line"
         if "error" in out:
             run_job(cfg)

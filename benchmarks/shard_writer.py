@@ -4,7 +4,7 @@
     → benchmarks/results/shard_writer.json
 
 The batch job streams result rows to the driver (``iter_batches``), which groups them by shard
-and writes each ``part-<id>.parquet`` once complete (:class:`raydetect.shards.ShardWriter`). This
+and writes each ``part-<id>.parquet`` once complete (:class:`raydetect.job.output.ShardWriter`). This
 feeds the writer realistic rows (5 boxes each) in shuffled batches of 256, as an actor pool
 returns them, and reports rows/s for a local disk and, with ``--s3``, a local moto S3 server —
 to compare with the detector's images/s (hundreds to a few thousand per GPU).
@@ -25,7 +25,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from raydetect import shards as sh  # noqa: E402
+from raydetect.job import output as sh  # noqa: E402
 from raydetect.storage import filesystem  # noqa: E402
 from raydetect.types import Detection, ImageResult, results_to_table  # noqa: E402
 

@@ -6,6 +6,7 @@ equal to 1 (got 3.0)``.
 
 from __future__ import annotations
 
+import os
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -203,7 +204,7 @@ class JobConfig(_Strict):
     rows_per_call: int | None = Field(
         None, ge=1, le=65_536, description="Rows per detector call; None = detector.batch_size"
     )
-    limit: int | None = Field(None, ge=1)
+    limit: int | None = Field(None, ge=1, description="Process at most N input files")
     extensions: tuple[str, ...] = DEFAULT_IMAGE_EXTENSIONS
     progress: bool = True
     video: VideoConfig = VideoConfig()
@@ -320,6 +321,34 @@ class ServeConfig(_Strict):
         description="How long a request waits for max_pixels_in_flight room; then 503 + Retry-After",
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _spellings(cls, data: Any) -> Any:
+        """The builder's and the CLI's spellings: detector fields given flat (``model=...``),
+        ``replicas`` as ``N`` or ``MIN:MAX``, ``batch_wait_ms`` for ``batch_wait_timeout_s``; a
+        relative local model path is resolved against the current directory (replicas run
+        elsewhere)."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        det = data.pop("detector", None)
+        detector = det.model_dump() if isinstance(det, DetectorConfig) else dict(det or {})
+        for name in DetectorConfig.model_fields:
+            if name in data:
+                detector[name] = data.pop(name)
+        if "replicas" in data:
+            data["min_replicas"], data["max_replicas"] = parse_replicas(data.pop("replicas"))
+        if "batch_wait_ms" in data:
+            try:
+                data["batch_wait_timeout_s"] = float(data.pop("batch_wait_ms")) / 1e3
+            except (TypeError, ValueError):
+                raise ValueError("batch_wait_ms: expected a number of milliseconds") from None
+        model = detector.get("model")
+        if isinstance(model, str) and model and "://" not in model and not os.path.isabs(model):
+            detector["model"] = os.path.abspath(model)
+        data["detector"] = detector
+        return data
+
     @model_validator(mode="after")
     def _check_limits(self) -> ServeConfig:
         if self.min_replicas > self.max_replicas:
@@ -359,8 +388,27 @@ def parse_replicas(value: str | int) -> tuple[int, int]:
         low = int(lo)
         high = int(hi) if sep else low
     except ValueError:
-        raise ConfigError(f"serve.replicas: expected N or MIN:MAX (got {text!r})") from None
+        raise ValueError(f"replicas: expected N or MIN:MAX (got {text!r})") from None
     return low, high
+
+
+class EvalConfig(_Strict):
+    """``raydetect eval``: mAP of a detector on a labelled set (YOLO txt or COCO json)."""
+
+    detector: DetectorConfig
+    data: str = Field(
+        min_length=1, description="YOLO dataset root, images folder or data.yaml; or a COCO .json (path or s3://)"
+    )
+    split: str = Field("test", min_length=1, description="split of a data.yaml / dataset root")
+    images: str | None = Field(None, description="image root for a COCO json (default: its folder)")
+    limit: int | None = Field(None, ge=1, description="evaluate N images drawn at random with seed (default: all)")
+    seed: int = Field(0, ge=0, description="seed of the limit sample")
+    eval_cache: str | None = Field(
+        None,
+        description="also keep the result in this directory, keyed by model sha256, images and settings, for "
+        "raydetect quantize to reuse (default $RAYDETECT_EVAL_CACHE or ~/.cache/raydetect/eval)",
+    )
+    write_cache: bool = Field(True, description="write the evaluation cache")
 
 
 class BenchConfig(_Strict):

@@ -14,7 +14,7 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow as pa
 
-#: Raw head layouts raydetect decodes (see :mod:`raydetect.postprocess`).
+#: Raw head layouts raydetect decodes (see :mod:`raydetect.stages.postprocess`).
 HeadLayout = Literal["yolov8", "yolov5"]
 
 #: Why an image got no detections, set where the error is caught: ``input`` (bytes that are not
@@ -36,7 +36,7 @@ class NMSOutput:
     * ``classes`` ``[B, K]`` int64 class ids.
 
     Rows past ``num[i]`` are padding. The detector maps rows to detections with
-    :func:`raydetect.postprocess.nms_output_rows` (no NMS of its own).
+    :func:`raydetect.stages.postprocess.nms_output_rows` (no NMS of its own).
     """
 
     num: np.ndarray

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import httpx
 
-from raydetect.local_cluster import session_pids
 from tests.conftest import MODELS, REPO, free_port
+from tests.local_cluster import session_pids
 
 MODEL = str(MODELS / "yolov8n-defects.onnx")
 

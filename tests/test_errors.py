@@ -9,18 +9,18 @@ import sys
 import pytest
 
 from raydetect.config import ConfigError
+from raydetect.engine_cache import EngineCacheError
 from raydetect.engines.base import EngineUnavailableError
-from raydetect.engines.tensorrt_build import TensorRTBuildError
-from raydetect.engines.tensorrt_cache import EngineCacheError
 from raydetect.errors import RaydetectError
 from raydetect.evaluate import DatasetError
-from raydetect.job import JobStalledError
+from raydetect.job.run import JobStalledError
 from raydetect.model_card import UnsupportedModelError
 from raydetect.plan import PlanError
-from raydetect.preprocess import ImageError
 from raydetect.quantize import CalibrationError
 from raydetect.resources import InsufficientResourcesError
+from raydetect.stages.preprocess import ImageError
 from raydetect.storage import StorageUnavailableError
+from raydetect.tensorrt.build import TensorRTBuildError
 from raydetect.video.probe import VideoError
 from tests.conftest import REPO
 
@@ -64,5 +64,5 @@ def test_cli_exits_2_with_the_message(tmp_path):
     assert r.returncode == 2, r.stderr
     assert f"raydetect bench: error: {bad}: not an ONNX model" in r.stderr and "Traceback" not in r.stderr
     r = _cli("bench", "--model", str(bad), "--conf", "2")  # ConfigError, naming the field
-    assert r.returncode == 2 and "raydetect bench: error: detector.conf" in r.stderr
+    assert r.returncode == 2 and "raydetect bench: error: bench.detector.conf" in r.stderr
     assert "Traceback" not in r.stderr

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from raydetect.config import DetectorConfig, JobConfig
-from raydetect.job import run_job
+from raydetect.job.run import run_job
 from raydetect.types import RESULT_SCHEMA, table_to_results
 from tests.conftest import MODELS, REPO, photo_paths
 from tests.reference import as_tuples, assert_same_detections, reference_detections

@@ -13,7 +13,7 @@ from raydetect.config import DetectorConfig  # noqa: E402
 from raydetect.detector import Detector  # noqa: E402
 from raydetect.engines import EngineUnavailableError, create_engine  # noqa: E402
 from raydetect.model_card import ModelCard, batching_check_input  # noqa: E402
-from raydetect.preprocess import decode_image, letterbox, to_tensor  # noqa: E402
+from raydetect.stages.preprocess import decode_image, letterbox, to_tensor  # noqa: E402
 from tests.conftest import DEFECTS, MODELS, photo_paths  # noqa: E402
 
 TRAINED = MODELS / "yolov8n-defects.onnx"

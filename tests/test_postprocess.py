@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from raydetect.postprocess import candidates, nms, postprocess
+from raydetect.stages.postprocess import candidates, nms, postprocess
 
 
 def v8_pred(rows, nc=3, n_pad=5):

@@ -4,7 +4,7 @@ import cv2
 import numpy as np
 import pytest
 
-from raydetect.preprocess import (
+from raydetect.stages.preprocess import (
     PAD_VALUE,
     ImageError,
     decode_image,

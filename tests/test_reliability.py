@@ -23,8 +23,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from raydetect.config import DetectorConfig, JobConfig, StorageConfig
-from raydetect.job import JobStalledError, run_job
-from raydetect.preprocess import decode_image, letterbox
+from raydetect.job.run import JobStalledError, run_job
+from raydetect.stages.preprocess import decode_image, letterbox
 from raydetect.storage import StorageUnavailableError, scan_inputs, show
 from raydetect.types import table_to_results
 from tests.conftest import MODELS, REPO, S3_KEY, S3_SECRET, free_port, photo_paths
@@ -261,7 +261,7 @@ def test_paused_s3_is_reported_and_bounded(ray_local, moto_proc, caplog):
     import s3fs
 
     probe = s3fs.S3FileSystem(**moto_proc.storage().fsspec_options())
-    caplog.set_level(logging.WARNING, logger="raydetect.job")
+    caplog.set_level(logging.WARNING, logger="raydetect.job.run")
     worker = threading.Thread(target=job, daemon=True)
     worker.start()
     deadline = time.monotonic() + 240

@@ -9,11 +9,11 @@ import sys
 import cv2
 import pytest
 
-from raydetect import shards as sh
 from raydetect.config import DetectorConfig, JobConfig
-from raydetect.job import JobSummary
-from raydetect.metrics import batch_counts
-from raydetect.report import annotate, rate_series, throughput_png, write_report
+from raydetect.job import output as sh
+from raydetect.job.metrics import batch_counts
+from raydetect.job.report import annotate, rate_series, throughput_png, write_report
+from raydetect.job.run import JobSummary
 from raydetect.storage import filesystem
 from raydetect.types import Detection, ImageResult, results_to_table
 from tests.conftest import MODELS, photo_paths

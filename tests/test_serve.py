@@ -59,7 +59,7 @@ def app_args(**extra):
 def server(ray_local):
     from ray import serve
 
-    from raydetect.serve import app_builder
+    from raydetect.serve.app import app_builder
 
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -182,7 +182,7 @@ def test_requests_go_through_haproxy_to_the_replica(server):
 
 
 def test_responses_equal_the_batch_job_and_the_detector(server, client, detector, tmp_path):
-    from raydetect.job import run_job
+    from raydetect.job.run import run_job
     from raydetect.types import table_to_results
 
     paths = sample_paths()
@@ -388,7 +388,7 @@ def test_16_clients_x_50_requests_batch_and_show_in_ray_metrics(ray_local, serve
 def test_request_timeout_gives_504(server, client):
     from ray import serve
 
-    from raydetect.serve import app_builder
+    from raydetect.serve.app import app_builder
 
     # a batch that waits 3 s to fill cannot answer within 0.2 s
     slow = app_args(name="rdslow", route_prefix="/slow", timeout_s=0.2, batch_wait_ms=3000)
@@ -407,7 +407,7 @@ def test_request_timeout_gives_504(server, client):
 
 
 def test_serve_config_errors_name_the_field():
-    from raydetect.serve import serve_config_from_args
+    from raydetect.serve.app import serve_config_from_args
 
     with pytest.raises(ConfigError, match="min_replicas .3. must not exceed max_replicas .2."):
         serve_config_from_args({"model": MODEL, "replicas": "3:2"})
@@ -423,7 +423,7 @@ def test_serve_config_errors_name_the_field():
         serve_config_from_args({"model": MODEL, "max_batch_size": 32, "max_ongoing_requests": 16})
     with pytest.raises(ConfigError, match=r"serve\.bogus"):
         serve_config_from_args({"model": MODEL, "bogus": 1})
-    from raydetect.serve_http import read_api_key
+    from raydetect.serve.http import read_api_key
 
     os.environ.pop("RAYDETECT_TEST_UNSET_KEY", None)
     with pytest.raises(ConfigError, match="RAYDETECT_TEST_UNSET_KEY is not set"):
@@ -431,7 +431,7 @@ def test_serve_config_errors_name_the_field():
 
 
 def test_builder_args_and_deployment_options():
-    from raydetect.serve import deployment_options, serve_config_from_args
+    from raydetect.serve.app import deployment_options, serve_config_from_args
 
     # strings as `serve run ... key=value` passes them; detector fields flat or nested
     cfg = serve_config_from_args({"model": MODEL, "replicas": "1:4", "num_gpus": "0.5", "conf": "0.4",
@@ -455,7 +455,7 @@ def test_checked_in_serve_config_is_valid():
     import yaml
     from ray.serve.schema import ServeDeploySchema
 
-    from raydetect.serve import serve_config_from_args
+    from raydetect.serve.app import serve_config_from_args
     from tests.conftest import REPO
 
     doc = yaml.safe_load((REPO / "deploy" / "serve_config.yaml").read_text())
@@ -469,7 +469,7 @@ def test_checked_in_serve_config_is_valid():
 
 def test_cli_builds_the_same_config():
     from raydetect.cli import build_parser
-    from raydetect.serve_cli import serve_config
+    from raydetect.cli.serve import serve_config
 
     args = build_parser().parse_args(
         ["serve", "--model", MODEL, "--replicas", "2:3", "--num-gpus", "0.25", "--max-batch-size", "4",

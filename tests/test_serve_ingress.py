@@ -5,7 +5,7 @@ import os
 import pytest
 
 from raydetect.config import ConfigError, ServeConfig, validate
-from raydetect.serve_ingress import (
+from raydetect.serve.ingress import (
     DRAIN_ENV,
     HAPROXY_STARTUP_ENV,
     READY_ENV,
@@ -59,8 +59,8 @@ def test_an_instance_started_from_an_isolated_environment_runs_the_real_haproxy(
     would exec itself forever: HAProxy never starts and Serve's proxy is never ready)."""
     import subprocess
 
-    from raydetect import serve_haproxy
-    from raydetect.serve_ingress import isolation_env
+    from raydetect.serve import haproxy as serve_haproxy
+    from raydetect.serve.ingress import isolation_env
 
     try:
         real = serve_haproxy.real_binary()

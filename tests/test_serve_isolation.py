@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 from fastapi import HTTPException
 
-from raydetect.serve_haproxy import harden
-from raydetect.serve_http import PixelBudget
+from raydetect.serve.haproxy import harden
+from raydetect.serve.http import PixelBudget
 from tests.conftest import DEFECTS, SERVE_READ_TIMEOUT_S, free_port
 from tests.serve_harness import MODEL, probe, slow_client, start_instance, stop_instance, wait_ready
 
@@ -81,7 +81,7 @@ def app_args(**extra):
 def server(ray_local):
     from ray import serve
 
-    from raydetect.serve import app_builder
+    from raydetect.serve.app import app_builder
 
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -205,7 +205,7 @@ def test_decoded_pixels_in_flight_are_bounded(server):
     get 503 + Retry-After (admission_timeout_s 0.05), the rest 200; nothing else."""
     from ray import serve
 
-    from raydetect.serve import app_builder
+    from raydetect.serve.app import app_builder
 
     serve.run(app_builder(app_args(max_pixels=1_000_000, max_pixels_in_flight=1_100_000,
                                    admission_timeout_s=0.05)),

@@ -25,8 +25,8 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from raydetect.local_cluster import session_pids, start_head, stop_session
 from tests.conftest import MODELS, REPO, S3_KEY, S3_SECRET, free_port, photo_paths
+from tests.local_cluster import session_pids, start_head, stop_session
 
 MODEL = MODELS / "yolov8n-random.onnx"
 AUTH_ENV = {"RAY_AUTH_MODE": "token"}  # Ray 2.5x: the job/state APIs need it (stack-facts)
@@ -80,7 +80,7 @@ def ray_head():
 
 def read_parts(fs, out_path):
     """All rows of the image part files, as (uris, table list)."""
-    from raydetect import shards as sh
+    from raydetect.job import output as sh
 
     uris = []
     for p in sh.existing_parts(fs, out_path).values():

@@ -9,7 +9,7 @@ import random
 import pyarrow.parquet as pq
 import pytest
 
-from raydetect import shards as sh
+from raydetect.job import output as sh
 from raydetect.storage import filesystem
 from raydetect.types import Detection, ImageResult, results_to_table
 

@@ -10,10 +10,10 @@ import httpx
 import pyarrow.parquet as pq
 import pytest
 
-from raydetect import shards as sh
 from raydetect.config import ConfigError, DetectorConfig, JobConfig, validate
-from raydetect.job import run_job
-from raydetect.serve_job import ServeAppError, app_handle
+from raydetect.job import output as sh
+from raydetect.job.run import run_job
+from raydetect.job.via_serve import ServeAppError, app_handle
 from raydetect.types import table_to_results
 from tests.conftest import DEFECTS, MODELS, free_port, photo_paths
 from tests.reference import as_tuples, assert_same_detections
@@ -32,7 +32,7 @@ def serve_args(**extra):
 def pool(ray_local):
     from ray import serve
 
-    from raydetect.serve import app_builder
+    from raydetect.serve.app import app_builder
 
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -182,7 +182,7 @@ def test_replica_killed_mid_job_leaves_one_row_per_input(pool, tmp_path):
     import ray
     from ray import serve
 
-    from raydetect.serve import app_builder
+    from raydetect.serve.app import app_builder
 
     app = "poolkill"
     serve.run(app_builder(serve_args()), name=app, route_prefix="/kill")

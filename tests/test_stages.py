@@ -1,4 +1,4 @@
-"""The detector's stages (raydetect.stages): which preprocessor and postprocessor each engine gets
+"""The detector's stages (raydetect.stages.base): which preprocessor and postprocessor each engine gets
 (TensorRT included, whose runtime cannot be installed here), array-backed detections and their
 Arrow columns, and the compiled torch engine on the CPU (inductor's C++ backend: the same
 compile, cache and fallback code as on CUDA, without the CUDA graphs)."""
@@ -21,7 +21,7 @@ from raydetect.engines.onnxruntime import OnnxRuntimeEngine
 from raydetect.engines.openvino import OpenVINOEngine
 from raydetect.engines.tensorrt import TensorRTEngine
 from raydetect.engines.torch import TorchEngine, compile_buckets, compile_mode
-from raydetect.stages import CpuPreprocessor, EngineRows, NumpyNMS, choose_stages
+from raydetect.stages.base import CpuPreprocessor, EngineRows, NumpyNMS, choose_stages
 from raydetect.types import RESULT_SCHEMA, Detection, DetectionArray, ImageResult, results_to_table
 from tests.conftest import MODELS, REPO, photo_paths
 

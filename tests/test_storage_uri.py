@@ -16,7 +16,7 @@ from fsspec.implementations.local import LocalFileSystem
 from fsspec.registry import _registry
 
 from raydetect.config import DetectorConfig, JobConfig, StorageConfig
-from raydetect.job import run_job
+from raydetect.job.run import run_job
 from raydetect.storage import filesystem, is_remote_fs, to_uri, uri_prefix
 from tests.conftest import MODELS, photo_paths
 

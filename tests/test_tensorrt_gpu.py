@@ -24,9 +24,9 @@ torch = pytest.importorskip("torch", reason="PyTorch is needed for the TensorRT 
 
 from raydetect.config import DetectorConfig  # noqa: E402
 from raydetect.detector import Detector  # noqa: E402
-from raydetect.engines.tensorrt_build import prepare_engine  # noqa: E402
-from raydetect.engines.tensorrt_plan import probe_availability  # noqa: E402
 from raydetect.model_card import ModelCard  # noqa: E402
+from raydetect.tensorrt.build import prepare_engine  # noqa: E402
+from raydetect.tensorrt.rules import probe_availability  # noqa: E402
 from tests.conftest import MODELS, REPO, photo_paths  # noqa: E402
 
 pytestmark = [

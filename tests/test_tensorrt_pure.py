@@ -22,10 +22,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from raydetect.config import ConfigError, DetectorConfig, validate
-from raydetect.engines import EngineUnavailableError, create_engine, resolve_engine_name
-from raydetect.engines.base import Engine, NMSOutput
-from raydetect.engines.onnxruntime import OnnxRuntimeEngine
-from raydetect.engines.tensorrt_cache import (
+from raydetect.engine_cache import (
     EngineCache,
     EngineCacheError,
     EngineKey,
@@ -35,7 +32,12 @@ from raydetect.engines.tensorrt_cache import (
     make_key,
     timing_cache_name,
 )
-from raydetect.engines.tensorrt_outputs import (
+from raydetect.engines import EngineUnavailableError, create_engine, resolve_engine_name
+from raydetect.engines.base import Engine, NMSOutput
+from raydetect.engines.onnxruntime import OnnxRuntimeEngine
+from raydetect.model_card import ModelCard
+from raydetect.stages.postprocess import candidates, nms, nms_output_rows, nms_outputs_close, postprocess
+from raydetect.tensorrt.outputs import (
     batch_buckets,
     cxcywh_to_xyxy,
     decode_efficient_nms,
@@ -44,7 +46,7 @@ from raydetect.engines.tensorrt_outputs import (
     pad_rows,
     padded_batch_size,
 )
-from raydetect.engines.tensorrt_plan import (
+from raydetect.tensorrt.rules import (
     NMSCapabilities,
     ParserError,
     choose_nms,
@@ -65,8 +67,6 @@ from raydetect.engines.tensorrt_plan import (
     unavailable_reason,
     unsupported_nodes,
 )
-from raydetect.model_card import ModelCard
-from raydetect.postprocess import candidates, nms, nms_output_rows, nms_outputs_close, postprocess
 from tests.conftest import MODELS, REPO, photo_paths
 
 HAVE_TRT = importlib.util.find_spec("tensorrt") is not None
@@ -579,7 +579,7 @@ TRAINED = MODELS / "yolov8n-defects.onnx"
 def real_heads():
     """Real head outputs of the trained YOLOv8n on the real photos (ONNX Runtime): at low conf
     hundreds of candidates with distinct scores and many overlaps."""
-    from raydetect.preprocess import decode_image, letterbox, to_tensor
+    from raydetect.stages.preprocess import decode_image, letterbox, to_tensor
 
     card = ModelCard.load(str(TRAINED))
     eng = OnnxRuntimeEngine(card, DetectorConfig(model=str(TRAINED), threads=2))
@@ -729,22 +729,27 @@ def test_nms_outputs_close():
 def test_detect_cli_takes_the_engine_cache():
     import argparse
 
-    from raydetect.cli import add_detector_args, add_storage_args, detector_config
+    from raydetect.cli.common import add_detector_args, config_values
+    from raydetect.config import DetectorConfig, validate
 
     parser = argparse.ArgumentParser()
     add_detector_args(parser)
-    add_storage_args(parser)
-    cfg = detector_config(parser.parse_args(["--model", "m.onnx", "--engine", "tensorrt", "--trt-cache", "s3://b/e"]))
+
+    def detector_config(argv):
+        return validate(DetectorConfig, config_values(parser.parse_args(argv))["detector"], "detector")
+
+    cfg = detector_config(["--model", "m.onnx", "--engine", "tensorrt", "--trt-cache", "s3://b/e"])
     assert cfg.engine == "tensorrt" and cfg.tensorrt.cache == "s3://b/e"
-    assert detector_config(parser.parse_args(["--model", "m.onnx"])).tensorrt.cache is None
+    assert detector_config(["--model", "m.onnx"]).tensorrt.cache is None
 
 
 def _target(argv):
     """The engine a command line asks for, on one GPU/TensorRT identity (the inputs a real GPU
     would report), through the same function the engine load and ``raydetect build`` use."""
     from raydetect.cli import build_parser
-    from raydetect.engines.tensorrt_build import build_config, engine_target
-    from raydetect.job import job_config
+    from raydetect.cli.build import build_config
+    from raydetect.cli.detect import job_config
+    from raydetect.tensorrt.build import engine_target
 
     args = build_parser().parse_args(argv)
     cfg = build_config(args) if args.command == "build" else job_config(args).detector
@@ -782,7 +787,8 @@ def test_every_engine_command_takes_the_tensorrt_options():
     each reaching TensorRTConfig."""
     import argparse
 
-    from raydetect.cli import TENSORRT_FLAGS, build_parser
+    from raydetect.cli import build_parser
+    from raydetect.cli.common import TENSORRT_FLAGS
     from raydetect.config import TensorRTConfig
 
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))

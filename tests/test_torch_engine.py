@@ -19,14 +19,14 @@ import pyarrow.parquet as pq  # noqa: E402
 from raydetect.config import ConfigError, DetectorConfig, JobConfig, validate  # noqa: E402
 from raydetect.detector import Detector  # noqa: E402
 from raydetect.engines import EngineUnavailableError, create_engine, resolve_engine_name  # noqa: E402
-from raydetect.engines.onnx_to_torch import convert  # noqa: E402
 from raydetect.engines.torch import TorchEngine, graph_batch_sizes  # noqa: E402
-from raydetect.gpu_postprocess import batched_postprocess  # noqa: E402
-from raydetect.gpu_preprocess import GpuPreprocessor, letterbox_tensors, parse_jpeg_header, probe_jpeg  # noqa: E402
 from raydetect.model_card import ModelCard, batching_check_input  # noqa: E402
-from raydetect.onnx_fold import fold_for_shape  # noqa: E402
-from raydetect.postprocess import postprocess  # noqa: E402
-from raydetect.preprocess import decode_image, letterbox, letterbox_geometry, to_tensor  # noqa: E402
+from raydetect.onnx.fold import fold_for_shape  # noqa: E402
+from raydetect.onnx.to_torch import convert  # noqa: E402
+from raydetect.stages.gpu_postprocess import batched_postprocess  # noqa: E402
+from raydetect.stages.gpu_preprocess import GpuPreprocessor, letterbox_tensors, parse_jpeg_header, probe_jpeg  # noqa: E402
+from raydetect.stages.postprocess import postprocess  # noqa: E402
+from raydetect.stages.preprocess import decode_image, letterbox, letterbox_geometry, to_tensor  # noqa: E402
 from tests.conftest import DEFECTS, MODELS, photo_paths  # noqa: E402
 from tests.gpu_helpers import (  # noqa: E402
     BIG,
@@ -270,7 +270,7 @@ def test_job_config_new_fields_are_validated():
         validate(JobConfig, {**base, "rows_per_call": 0}, "job")
     import argparse
 
-    from raydetect.job import add_job_args, job_config
+    from raydetect.cli.detect import add_job_args, job_config
 
     p = argparse.ArgumentParser()
     add_job_args(p)
@@ -282,7 +282,7 @@ def test_job_config_new_fields_are_validated():
 def test_job_parquet_schema_is_the_same_on_both_paths(ray_local, tmp_path):
     """The Ray Data job with the torch engine (GPU data path, here on the CPU; threaded actor,
     several chunks per call) writes the same columns as the ONNX Runtime job."""
-    from raydetect.job import run_job
+    from raydetect.job.run import run_job
 
     src = tmp_path / "in"
     src.mkdir()

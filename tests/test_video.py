@@ -145,7 +145,7 @@ def test_video_config_is_validated_with_field_names():
 
 def test_cli_video_options():
     from raydetect.cli import build_parser
-    from raydetect.job import job_config
+    from raydetect.cli.detect import job_config
 
     args = build_parser().parse_args(
         ["detect", "--input", "in", "--output", "out", "--model", "m.onnx", "--segment-s", "30",
@@ -309,7 +309,7 @@ def read_video_output(out, fs=None):
 
 
 def test_mixed_folder_job_with_segments_spread_over_actors(ray_local, tmp_path):
-    from raydetect.job import run_job
+    from raydetect.job.run import run_job
 
     inp = tmp_path / "in"
     inp.mkdir()
@@ -377,7 +377,7 @@ def test_mixed_folder_job_with_segments_spread_over_actors(ray_local, tmp_path):
 
 
 def test_videos_from_s3(ray_local, s3_storage, s3fs_client, tmp_path):
-    from raydetect.job import run_job
+    from raydetect.job.run import run_job
 
     bucket = "videos-test"
     s3fs_client.mkdir(bucket)

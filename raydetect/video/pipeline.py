@@ -31,15 +31,15 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from raydetect import shards as sh
 from raydetect.config import DetectorConfig, JobConfig, StorageConfig, VideoConfig
+from raydetect.job import output as sh
 from raydetect.storage import filesystem, to_uri
 from raydetect.types import VIDEO_SUMMARY_SCHEMA, frame_results_to_table
 from raydetect.video.detect import SegmentTask, detect_segment, plan_video
 
 log = logging.getLogger(__name__)
 
-#: under OUTPUT; ``_``-prefixed so that pyarrow.dataset skips them (raydetect/results.py reads
+#: under OUTPUT; ``_``-prefixed so that pyarrow.dataset skips them (raydetect/job/results.py reads
 #: these and the names before 2026-12, ``videos``/``video_summary``)
 FRAMES_DIR = "_videos"
 SUMMARY_DIR = "_video_summary"
@@ -115,7 +115,7 @@ class VideoSegmentDetector:
         self.frames_dir = f"{out_path.rstrip('/')}/{FRAMES_DIR}"
         self.out_fs.makedirs(self.frames_dir, exist_ok=True)
         self.decoder, self.decoder_reason = resolve_decoder(video.decoder, num_gpus)
-        from raydetect.metrics import JobMetrics
+        from raydetect.job.metrics import JobMetrics
 
         self.metrics = JobMetrics(output)  # frames / detections / errors counters of the job
 

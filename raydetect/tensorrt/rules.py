@@ -29,7 +29,7 @@ NMSImpl = Literal["inms", "efficient_nms"]
 # Tensor names the engine's network uses on top of the model's own input.
 CONF_INPUT = "raydetect_conf_threshold"
 IOU_INPUT = "raydetect_iou_threshold"
-#: outputs per NMS implementation (see raydetect.engines.tensorrt_outputs for their decoding)
+#: outputs per NMS implementation (see raydetect.tensorrt.outputs for their decoding)
 NMS_OUTPUTS: dict[str, tuple[str, ...]] = {
     # INMSLayer: selected (batch, class, box) rows (data-dependent shape) + the tensors they index
     "inms": ("raydetect_selected", "raydetect_num_selected", "raydetect_boxes_cxcywh", "raydetect_best_score"),

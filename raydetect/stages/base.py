@@ -3,7 +3,7 @@ same way: preprocess, inference, postprocess, each timed):
 
 * a **preprocessor** turns inputs (encoded bytes or pixel arrays) into a letterboxed batch on
   the engine's device: :class:`CpuPreprocessor` (decode and letterbox in NumPy/OpenCV, a float32
-  NCHW array) or :class:`raydetect.gpu_preprocess.GpuPreprocessor` (header checks on the host,
+  NCHW array) or :class:`raydetect.stages.gpu_preprocess.GpuPreprocessor` (header checks on the host,
   then batched JPEG decode and letterbox on the GPU: only the compressed bytes cross PCIe);
 * the **engine** (:mod:`raydetect.engines`) declares its device and input kind and whether it
   returns the raw head or rows after its own NMS;
@@ -23,8 +23,16 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from raydetect.postprocess import nms_output_rows, postprocess
-from raydetect.preprocess import ImageError, Letterbox, as_bgr, decode_image, error_kind, letterbox, to_tensor
+from raydetect.stages.postprocess import nms_output_rows, postprocess
+from raydetect.stages.preprocess import (
+    ImageError,
+    Letterbox,
+    as_bgr,
+    decode_image,
+    error_kind,
+    letterbox,
+    to_tensor,
+)
 from raydetect.types import HeadLayout, NMSOutput
 
 #: One image's rows: boxes xyxy [k, 4] float32 (letterboxed model pixels), scores [k] float32,
@@ -80,7 +88,7 @@ class PreparedBatch:
 
 
 class CpuPreprocessor:
-    """Decode (OpenCV/Pillow, with the checks of :mod:`raydetect.preprocess`) and letterbox on
+    """Decode (OpenCV/Pillow, with the checks of :mod:`raydetect.stages.preprocess`) and letterbox on
     the host; the batch is a float32 NCHW array."""
 
     device = "cpu"
@@ -123,7 +131,7 @@ class CpuPreprocessor:
 
 
 class NumpyNMS:
-    """Raw head → rows with the NumPy NMS (:func:`raydetect.postprocess.postprocess`), per image."""
+    """Raw head → rows with the NumPy NMS (:func:`raydetect.stages.postprocess.postprocess`), per image."""
 
     name = "numpy"
 
@@ -137,7 +145,7 @@ class NumpyNMS:
 
 class TorchNMS:
     """Raw head (a device tensor) → rows with batched NMS on the device
-    (:func:`raydetect.gpu_postprocess.batched_postprocess`), one call per distinct
+    (:func:`raydetect.stages.gpu_postprocess.batched_postprocess`), one call per distinct
     (conf, iou, max_det) among the images."""
 
     name = "torch"
@@ -146,7 +154,7 @@ class TorchNMS:
         self.layout = layout
 
     def __call__(self, preds, conf: list[float], iou: list[float], max_det: list[int]) -> list[Rows]:
-        from raydetect.gpu_postprocess import batched_postprocess
+        from raydetect.stages.gpu_postprocess import batched_postprocess
 
         groups: dict[tuple[float, float, int], list[int]] = {}
         for j in range(len(conf)):
@@ -161,7 +169,7 @@ class TorchNMS:
 
 class EngineRows:
     """The engine ran NMS (:class:`NMSOutput`): keep each image's rows above its conf, at most
-    its max_det (:func:`raydetect.postprocess.nms_output_rows`)."""
+    its max_det (:func:`raydetect.stages.postprocess.nms_output_rows`)."""
 
     name = "engine"
 

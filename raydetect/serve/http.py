@@ -1,6 +1,6 @@
 """HTTP side of the online endpoint: body limits, content types, API keys, image checks and
 the JSON wire format. Plain functions over Starlette requests, so the Serve deployment in
-:mod:`raydetect.serve` stays small and every bad input maps to one clear 4xx status:
+:mod:`raydetect.serve.app` stays small and every bad input maps to one clear 4xx status:
 
 * 400 undecodable, empty or truncated image, malformed multipart body;
 * 401 missing or wrong API key (when one is configured);
@@ -23,7 +23,7 @@ from pydantic import BaseModel, Field
 from starlette.requests import Request
 
 from raydetect.config import ConfigError
-from raydetect.preprocess import (
+from raydetect.stages.preprocess import (
     ImageError,
     ImageTooLargeError,
     check_encoded,

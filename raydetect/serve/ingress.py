@@ -160,7 +160,7 @@ def isolation_env(
     HAProxy's files in ``private_dir`` (made 0700: the admin socket is reachable by this user
     only). ``stats``/``metrics``: ``host:port`` of HAProxy's stats page and exporter, empty for
     none; ``read_timeout_s``: HAProxy's deadline for a request's headers (and buffered body)."""
-    from raydetect import serve_haproxy
+    from raydetect.serve import haproxy as serve_haproxy
 
     private_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     private_dir.chmod(0o700)

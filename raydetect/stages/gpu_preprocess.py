@@ -2,7 +2,7 @@
 
 Only the compressed bytes cross PCIe for baseline JPEGs (decoded by the GPU's hardware JPEG
 engines where it has them). Everything else goes to the CPU decoder of
-:mod:`raydetect.preprocess` *for that image only*, in a thread pool while nvJPEG decodes the rest:
+:mod:`raydetect.stages.preprocess` *for that image only*, in a thread pool while nvJPEG decodes the rest:
 other formats (PNG, WebP, …), JPEGs that OpenCV would rotate (EXIF orientation) or that are not
 YCbCr/grey (CMYK, Adobe transform), progressive JPEGs (nvJPEG decodes them one by one with
 Huffman decoding on the CPU and uploads the DCT coefficients: slower than OpenCV and more bytes
@@ -10,7 +10,7 @@ than the pixels; ``progressive_on_gpu=True`` sends them to nvJPEG anyway), and J
 fails on. Validation is the CPU path's (``check_encoded``, pixel limits read from the header,
 Pillow's decompression-bomb limit), so bad input gives the same error text on both paths.
 
-The letterbox reproduces :func:`raydetect.preprocess.letterbox`: same geometry
+The letterbox reproduces :func:`raydetect.stages.preprocess.letterbox`: same geometry
 (:func:`letterbox_geometry`), bilinear resize without antialiasing (as ``cv2.INTER_LINEAR``),
 rounded to whole grey levels like OpenCV's uint8 output, pad 114, RGB, scaled to [0, 1].
 Images of the same size are resized together.
@@ -30,7 +30,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from raydetect.preprocess import (
+from raydetect.stages.base import PreparedBatch
+from raydetect.stages.preprocess import (
     PAD_VALUE,
     ImageError,
     ImageTooLargeError,
@@ -41,7 +42,6 @@ from raydetect.preprocess import (
     decode_image,
     letterbox_geometry,
 )
-from raydetect.stages import PreparedBatch
 
 __all__ = ["GPU_DECODERS", "GpuPreprocessor", "PreparedBatch", "letterbox_tensors", "nvimgcodec_status"]
 

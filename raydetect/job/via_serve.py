@@ -5,7 +5,7 @@ images to the application's replicas through the deployment handle
 (``serve.get_app_handle(APP).options(method_name="detect_archive")``). The replicas run them
 between online requests (see ``DetectorServer.detect_archive``): online first, archive images
 fill the rest of each engine batch. Everything else of the job — listing, shards, exactly-once
-part files, resume, manifest, report — is unchanged (:mod:`raydetect.job`).
+part files, resume, manifest, report — is unchanged (:mod:`raydetect.job.run`).
 
 Faults: a call that fails because its replica died (or is busy, or the deployment is briefly
 unavailable) is sent again, to whichever replica the router picks; the shard writer drops a
@@ -96,7 +96,7 @@ class ServeCaller:
 
     def __init__(self, app: str, model_sha256: str, sub_batch: int, conf: float, iou: float,
                  max_det: int, uri_prefix: str = "", job: str = "raydetect") -> None:
-        from raydetect.metrics import JobMetrics
+        from raydetect.job.metrics import JobMetrics
 
         self.app = app
         self.model_sha256 = model_sha256

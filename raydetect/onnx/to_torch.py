@@ -4,7 +4,7 @@ onnx2torch keeps shape-like operands (Split sizes, Reshape targets, Slice bounds
 scales) as tensors and reads them on the host at every call (``.tolist()``, ``torch.any``,
 ``.cpu()``). On CUDA that is a device→host copy per op, which makes CUDA-graph capture fail
 and costs a synchronisation each time. :func:`convert` first folds the shape computations of
-dynamic exports into constants (:mod:`raydetect.onnx_fold`, at batch 1, then the batch is
+dynamic exports into constants (:mod:`raydetect.onnx.fold`, at batch 1, then the batch is
 made dynamic again exactly as for static exports), converts, then replaces those modules by
 ones holding the values as Python numbers (:func:`freeze_shape_operands`).
 """
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from raydetect.model_card import UnsupportedModelError, make_batch_dynamic
-from raydetect.onnx_fold import fold_for_shape
+from raydetect.onnx.fold import fold_for_shape
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 import pyarrow.dataset as pads
 
-from raydetect import shards as sh
+from raydetect.job import output as sh
 from raydetect.storage import show
 
 log = logging.getLogger(__name__)

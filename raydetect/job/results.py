@@ -74,7 +74,7 @@ def read_results(output: str, storage: StorageConfig | None = None) -> Results:
     path = path.rstrip("/")
     if not fs.isdir(path):
         raise FileNotFoundError(f"no job output at {output}")
-    # the shard files (raydetect.shards.part_name; that module is not imported here: it imports
+    # the shard files (raydetect.job.output.part_name; that module is not imported here: it imports
     # the package for its version)
     parts = [p for p in _parquet_files(fs, path) if p.rstrip("/").rsplit("/", 1)[-1].startswith("part-")]
     images = _read(fs, parts, RESULT_SCHEMA)

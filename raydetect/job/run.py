@@ -3,7 +3,7 @@
 Ray Data reads only the compressed bytes; decoding happens inside the detector actors,
 so decoded pixels never travel between processes.
 
-Output is exactly once and resumable (:mod:`raydetect.shards`): the sorted inputs are cut into
+Output is exactly once and resumable (:mod:`raydetect.job.output`): the sorted inputs are cut into
 shards, the driver consumes the result rows as they stream out of the actor pool and writes each
 shard's ``part-<id>.parquet`` atomically once every input of the shard has its row (rows are a few
 hundred bytes, so the driver is never the bottleneck; no shuffle, no barrier). A re-run skips the
@@ -12,7 +12,6 @@ shards whose part file exists.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import logging
 import queue
@@ -25,9 +24,9 @@ from typing import Any
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
-from raydetect import shards as sh
-from raydetect.config import JobConfig, validate
+from raydetect.config import JobConfig
 from raydetect.errors import RaydetectError
+from raydetect.job import output as sh
 from raydetect.storage import (
     StorageUnavailableError,
     filesystem,
@@ -114,7 +113,7 @@ def build_dataset(cfg: JobConfig, files: list[str], fs, serve_info: dict | None 
         own = ray.data.from_items([{"path": p} for p in odd]).map_batches(
             read_paths, fn_kwargs={"fs": fs}, batch_size=8, batch_format="numpy")
         ds = own if ds is None else ds.union(own)
-    from raydetect.metrics import MeteredDetector
+    from raydetect.job.metrics import MeteredDetector
 
     max_size = cfg.concurrency
     min_size = min(cfg.min_actors, max_size)
@@ -122,7 +121,7 @@ def build_dataset(cfg: JobConfig, files: list[str], fs, serve_info: dict | None 
     if cfg.actor_concurrency > 1:  # calls run in threads: one decodes while another infers
         threads = {"max_concurrent_calls_per_actor": cfg.actor_concurrency, "enable_true_multi_threading": True}
     if cfg.via_serve is not None:
-        from raydetect.serve_job import ServeCaller
+        from raydetect.job.via_serve import ServeCaller
 
         det = cfg.detector
         return ds.map_batches(
@@ -174,7 +173,7 @@ def job_manifest(cfg: JobConfig, serve_info: dict | None = None) -> dict:
     model_sha256 = sha256_bytes(read_bytes(det.model, det.storage))
     if serve_info is not None:
         if serve_info["sha256"] != model_sha256:
-            from raydetect.serve_job import ServeAppError
+            from raydetect.job.via_serve import ServeAppError
 
             raise ServeAppError(
                 f"--via-serve {cfg.via_serve}: the application serves model sha256 {serve_info['sha256']} "
@@ -195,7 +194,7 @@ def job_manifest(cfg: JobConfig, serve_info: dict | None = None) -> dict:
 
 def prepare_output(cfg: JobConfig, manifest: dict, overwrite: bool):
     """Check the output against ``manifest`` (or empty it with ``overwrite``), record the
-    manifest, and return ``(fs, path)``. Raises :class:`~raydetect.shards.OutputMismatchError`
+    manifest, and return ``(fs, path)``. Raises :class:`~raydetect.job.output.OutputMismatchError`
     (a ``FileExistsError``) when the output holds results of another job."""
     out_fs, out_path = filesystem(cfg.output, cfg.detector.storage)
     if out_fs.exists(out_path):
@@ -395,7 +394,7 @@ def _storage_phase(what: str, cfg: JobConfig, resume: str = ""):
 
 def run_job(cfg: JobConfig, *, overwrite: bool = False) -> JobSummary:
     """Run the batch job (connects to / starts Ray as ``ray.init()`` does). Resumes into an
-    output written by the same job; see :mod:`raydetect.shards`."""
+    output written by the same job; see :mod:`raydetect.job.output`."""
     with Heartbeat(cfg.stall_warn_s, f"{show(cfg.input)} -> {show(cfg.output)}") as hb, _storage_phase(
         "running the job", cfg, f"re-run the same command to resume into {show(cfg.output)}"
     ):
@@ -434,7 +433,7 @@ def _run_job(cfg: JobConfig, overwrite: bool, hb: Heartbeat) -> JobSummary:
         hb.beat(f"connecting to the Serve application {cfg.via_serve}")
         if not ray.is_initialized():
             init_ray()  # quiet unless -v (raydetect/ray_logging.py)
-        from raydetect.serve_job import connect
+        from raydetect.job.via_serve import connect
 
         _, serve_info = connect(cfg.via_serve)
     hb.beat(f"reading the model and preparing {show(cfg.output)}")
@@ -486,7 +485,7 @@ def _run_job(cfg: JobConfig, overwrite: bool, hb: Heartbeat) -> JobSummary:
 def _write_report(cfg, summary, timeline, in_fs, out_fs, out_path, uri_prefix, keep_existing) -> str | None:
     """The job report (never fails the job: results are already written). A re-run that found
     every shard done keeps the report of the run that did the work."""
-    from raydetect.report import existing_report, write_report
+    from raydetect.job.report import existing_report, write_report
 
     try:
         if keep_existing and (url := existing_report(cfg, out_fs, out_path)):
@@ -495,101 +494,3 @@ def _write_report(cfg, summary, timeline, in_fs, out_fs, out_path, uri_prefix, k
     except Exception:
         log.exception("could not write the job report (the results are complete)")
         return None
-
-
-# --- CLI ------------------------------------------------------------------------------------
-
-
-def add_job_args(p: argparse.ArgumentParser) -> None:
-    from raydetect.cli import add_detector_args, add_storage_args
-
-    p.add_argument("--input", required=True, help="image file, directory or s3:// prefix")
-    p.add_argument("--output", required=True, help="Parquet output directory or s3:// prefix")
-    p.add_argument("--concurrency", type=int, default=1, help="max detector actors (default 1)")
-    p.add_argument("--min-actors", type=int, default=1, help="actors kept when idle (default 1)")
-    p.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per actor (fractions ok)")
-    p.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per actor")
-    p.add_argument("--actor-concurrency", type=int, default=1,
-                   help="detector calls at once per actor (threads; GPU: 2 overlaps decode and inference)")
-    p.add_argument("--rows-per-call", type=int, default=None,
-                   help="images per detector call (default: --batch-size; GPU: a multiple pipelines chunks)")
-    p.add_argument("--limit", type=int, default=None, help="process at most N files")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace an existing output (default: resume it if it was written by the same job)")
-    p.add_argument("--shard-size", type=int, default=1000,
-                   help="input files per output part file, the unit of resume (default 1000)")
-    p.add_argument("--no-report", action="store_true", help="skip OUTPUT/_report (report, plot, samples)")
-    p.add_argument("--report-samples", type=int, default=4, help="annotated sample images in the report")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    p.add_argument("--via-serve", default=None, metavar="APP",
-                   help="run the batches on the replicas of this running raydetect Serve application "
-                        "(online requests keep priority) instead of starting detector actors")
-    p.add_argument("--resource-wait-s", type=float, default=300.0,
-                   help="fail when no node fits the detector actors (--num-gpus/--num-cpus) after this "
-                        "wait for an autoscaler, seconds (default 300; no wait on a Ray this command started)")
-    for flag, name in (("--stall-warn-s", "stall_warn_s"), ("--stall-timeout-s", "stall_timeout_s")):
-        f = JobConfig.model_fields[name]
-        p.add_argument(flag, dest=name, type=float, default=f.default, help=f"{f.description} (default {f.default})")
-    add_detector_args(p)
-    add_storage_args(p)
-    from raydetect.video.cli_args import add_video_args
-
-    add_video_args(p)
-
-
-def job_config(args: argparse.Namespace) -> JobConfig:
-    from raydetect.cli import detector_config
-    from raydetect.video.cli_args import video_options
-
-    return validate(
-        JobConfig,
-        {
-            "input": args.input,
-            "output": args.output,
-            "detector": detector_config(args),
-            "concurrency": args.concurrency,
-            "min_actors": args.min_actors,
-            "num_gpus": args.num_gpus,
-            "num_cpus": args.num_cpus,
-            "actor_concurrency": args.actor_concurrency,
-            "rows_per_call": args.rows_per_call,
-            "limit": args.limit,
-            "progress": not args.no_progress,
-            "shard_size": args.shard_size,
-            "report": not args.no_report,
-            "report_samples": args.report_samples,
-            "resource_wait_s": args.resource_wait_s,
-            "stall_warn_s": args.stall_warn_s,
-            "stall_timeout_s": args.stall_timeout_s,
-            "video": video_options(args),
-            "via_serve": args.via_serve,
-        },
-        "job",
-    )
-
-
-def _process_age_s() -> float:
-    """Seconds since this process started (Python and raydetect imports, option parsing), 0.0
-    where that cannot be read."""
-    try:
-        import psutil  # a dependency of ray
-
-        return max(0.0, time.time() - psutil.Process().create_time())
-    except Exception:
-        return 0.0
-
-
-def _cmd_detect(args: argparse.Namespace) -> int:
-    before = _process_age_s()
-    cfg = job_config(args)
-    summary = run_job(cfg, overwrite=args.overwrite)
-    summary.startup_s += before  # the summary's time is the time the command took to get going too
-    summary.total_s = _process_age_s()
-    print(summary.line(), flush=True)
-    return 0
-
-
-def add_cli(sub) -> None:
-    p = sub.add_parser("detect", help="run detection over images into Parquet (Ray Data)")
-    add_job_args(p)
-    p.set_defaults(func=_cmd_detect)

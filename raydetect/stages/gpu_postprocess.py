@@ -1,6 +1,6 @@
 """Decode raw YOLO head outputs and run class-aware NMS on the GPU, for a whole batch.
 
-Same semantics as :func:`raydetect.postprocess.postprocess` (Ultralytics'): score > conf, best
+Same semantics as :func:`raydetect.stages.postprocess.postprocess` (Ultralytics'): score > conf, best
 class per anchor (YOLOv5: objectness > conf first, score = objectness × class score), at most
 ``max_nms`` highest-scoring candidates per image, class-aware greedy NMS (IoU > iou
 suppresses), at most ``max_det`` per image. The kernel is ``torchvision.ops.nms`` with the
@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torchvision
 
-from raydetect.postprocess import MAX_NMS, MAX_WH, HeadLayout
+from raydetect.stages.postprocess import MAX_NMS, MAX_WH, HeadLayout
 
 #: Candidates per NMS launch (its IoU mask is quadratic in the count).
 NMS_CHUNK = 30_000

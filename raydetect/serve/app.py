@@ -10,13 +10,9 @@ raydetect.serve:app_builder model=M`` or ``serve run deploy/serve_config.yaml``.
 
 import asyncio
 import logging
-import os
-import signal
-import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,10 +20,12 @@ from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.responses import JSONResponse
 from ray import serve
 
-from raydetect import serve_autoscale, serve_metrics
-from raydetect.config import ConfigError, DetectorConfig, ServeConfig, parse_replicas, validate
+from raydetect.config import ServeConfig, validate
 from raydetect.detector import Detector
-from raydetect.serve_http import (
+from raydetect.job.via_serve import ARCHIVE_BUSY
+from raydetect.serve import autoscale as serve_autoscale
+from raydetect.serve import metrics as serve_metrics
+from raydetect.serve.http import (
     IMAGE_TYPES,
     MULTIPART,
     MULTIPART_OVERHEAD,
@@ -48,8 +46,7 @@ from raydetect.serve_http import (
     read_body,
     release_memory,
 )
-from raydetect.serve_job import ARCHIVE_BUSY
-from raydetect.serve_metrics import ServeMetrics
+from raydetect.serve.metrics import ServeMetrics
 from raydetect.types import ERROR_STATUS, ImageResult
 from raydetect.version import __version__
 
@@ -303,7 +300,7 @@ class DetectorServer:
         return self.detector.to_table(batch.results)
 
     def record_autoscaling_stats(self) -> dict[str, float]:
-        """Serve's custom autoscaling metrics (see :mod:`raydetect.serve_autoscale`)."""
+        """Serve's custom autoscaling metrics (see :mod:`raydetect.serve.autoscale`)."""
         return {
             serve_autoscale.ONLINE: float(self._online_waiting + self._online_running),
             serve_autoscale.ARCHIVE: float(len(self._archive) + self._archive_running),
@@ -533,108 +530,16 @@ def build_app(cfg: ServeConfig) -> serve.Application:
     return DetectorServer.options(**deployment_options(cfg)).bind(cfg.model_dump(mode="json"))
 
 
-def serve_config_from_args(args: dict[str, Any]) -> ServeConfig:
-    """A :class:`ServeConfig` from builder args (``serve run ... key=value`` or the ``args``
-    of a Serve config file): detector fields may be given flat or under ``detector``,
-    ``replicas`` as ``N`` or ``MIN:MAX``, ``batch_wait_ms`` instead of ``batch_wait_timeout_s``.
-    A relative local model path is resolved against the current directory."""
-    args = dict(args)
-    detector = dict(args.pop("detector", None) or {})
-    for name in DetectorConfig.model_fields:
-        if name in args:
-            detector[name] = args.pop(name)
-    if "replicas" in args:
-        args["min_replicas"], args["max_replicas"] = parse_replicas(args.pop("replicas"))
-    if "batch_wait_ms" in args:
-        try:
-            args["batch_wait_timeout_s"] = float(args.pop("batch_wait_ms")) / 1e3
-        except (TypeError, ValueError):
-            raise ConfigError("serve.batch_wait_ms: expected a number of milliseconds") from None
-    model = detector.get("model")
-    if isinstance(model, str) and "://" not in model and not os.path.isabs(model):
-        detector["model"] = os.path.abspath(model)
-    return validate(ServeConfig, {**args, "detector": detector}, "serve")
+def serve_config_from_args(args: ServeConfig | dict[str, Any]) -> ServeConfig:
+    """A :class:`ServeConfig` from builder args (``serve run ... key=value`` or the ``args`` of a
+    Serve config file); the spellings they allow (flat detector fields, ``replicas`` as ``N`` or
+    ``MIN:MAX``, ``batch_wait_ms``) are the model's own (``ServeConfig._spellings``)."""
+    return args if isinstance(args, ServeConfig) else validate(ServeConfig, dict(args), "serve")
 
 
-def app_builder(args: dict[str, Any]) -> serve.Application:
-    """Application builder for ``serve run raydetect.serve:app_builder model=...`` and for
-    Serve config files (``import_path: raydetect.serve:app_builder`` with ``args``)."""
+def app_builder(args: ServeConfig) -> serve.Application:
+    """Typed application builder for ``serve run raydetect.serve:app_builder model=...`` and for
+    Serve config files (``import_path: raydetect.serve:app_builder`` with ``args``): Serve
+    validates the args into :class:`ServeConfig` before calling it (this module has no
+    ``from __future__ import annotations``: Serve needs the annotation object, not a string)."""
     return build_app(serve_config_from_args(args))
-
-
-#: The issue's spelling: ``serve run raydetect.serve:app model=...``.
-app = app_builder
-
-
-# --- CLI ---------------------------------------------------------------------------------
-
-
-def _sigterm_as_ctrl_c(signum, frame) -> None:
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the clean-up short
-    raise KeyboardInterrupt
-
-
-def run_forever(cfg: ServeConfig) -> None:
-    """Start (or join) Ray, run the application on ``cfg.host:cfg.port`` and block until
-    Ctrl-C; then delete the application (and stop Ray if this call started it)."""
-    import tempfile
-
-    import ray
-
-    from raydetect.serve_ingress import isolate, use_ingress
-
-    read_api_key(cfg.api_key_env)  # fail here, not in the replica, when the key is missing
-    started_ray = not ray.is_initialized()
-    # ray.init() joins a cluster named by RAY_ADDRESS (or started by `ray start`); that one
-    # keeps the ingress (and ports) it was started with.
-    own_ray = os.environ.get("RAY_ADDRESS", "local") == "local"
-    ingress = cfg.ingress if own_ray else "as the cluster was started"
-    private = tempfile.TemporaryDirectory(prefix="rds-")
-    if started_ray:
-        # Read by the Ray processes this call starts; a running cluster keeps its own mode.
-        use_ingress(cfg.ingress, drain_s=2.0)
-        if own_ray:  # private ports and HAProxy files: other instances on this host stay apart
-            ingress += " (" + isolate(cfg, Path(private.name)) + ")"
-        from raydetect.ray_logging import init_ray
-
-        init_ray()  # Ray's start-up noise hidden unless -v (raydetect/ray_logging.py)
-    # SIGTERM (kill, systemd, docker stop) stops like Ctrl-C: exit 0, no stack dump. Set after
-    # ray.init, whose driver handler would exit with status 15.
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _sigterm_as_ctrl_c)
-    http_options = {
-        "host": cfg.host,
-        "port": cfg.port,
-        # a backstop behind the replica's own timeout (which answers 504)
-        "request_timeout_s": cfg.timeout_s + 10.0,
-    }
-    try:
-        try:
-            serve.start(http_options=http_options)
-        except (ray.exceptions.RayError, TimeoutError) as e:
-            # a proxy too slow to start on a loaded machine is killed and restarted by Serve's
-            # controller: wait for the new one once before giving up
-            log.warning("raydetect serve: the HTTP proxy did not start (%s); waiting for its restart",
-                        str(e).splitlines()[0][:200])
-            serve.start(http_options=http_options)
-        serve.run(build_app(cfg), name=cfg.name, route_prefix=cfg.route_prefix)
-        url = f"http://{cfg.host}:{cfg.port}{cfg.route_prefix.rstrip('/')}"
-        print(
-            f"raydetect serve: {cfg.detector.model} at {url}/v1/detect "
-            f"(OpenAPI: {url}/docs; ingress {ingress}); Ctrl-C stops",
-            flush=True,
-        )
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        print("raydetect serve: stopping", flush=True)
-    finally:
-        try:
-            if started_ray:
-                serve.shutdown()
-            else:
-                serve.delete(cfg.name)
-        finally:
-            if started_ray:
-                ray.shutdown()
-            private.cleanup()

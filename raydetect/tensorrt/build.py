@@ -3,17 +3,14 @@ the engine cache; and the ``raydetect build`` command.
 
 TensorRT and PyTorch are imported inside functions only, so this module (and the CLI that
 registers ``build``) imports on machines without them. The decisions live in the pure
-:mod:`raydetect.engines.tensorrt_plan`; this module is the thin layer that calls TensorRT
+:mod:`raydetect.tensorrt.rules`; this module is the thin layer that calls TensorRT
 (Python API of TensorRT 10.x / 11.x).
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import logging
-import sys
-import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
@@ -21,8 +18,7 @@ from typing import Any
 import numpy as np
 
 from raydetect.config import ConfigError, DetectorConfig
-from raydetect.engines.base import EngineUnavailableError
-from raydetect.engines.tensorrt_cache import (
+from raydetect.engine_cache import (
     CacheResult,
     EngineCache,
     EngineKey,
@@ -30,7 +26,9 @@ from raydetect.engines.tensorrt_cache import (
     make_key,
     timing_cache_name,
 )
-from raydetect.engines.tensorrt_plan import (
+from raydetect.engines.base import EngineUnavailableError
+from raydetect.model_card import ModelCard, UnsupportedModelError
+from raydetect.tensorrt.rules import (
     CONF_INPUT,
     IOU_INPUT,
     NMS_OUTPUTS,
@@ -40,7 +38,6 @@ from raydetect.engines.tensorrt_plan import (
     ProfileShapes,
     choose_nms,
     format_parser_errors,
-    format_precision_summary,
     layer_precision_summary,
     nms_indices_type_arg,
     nms_params,
@@ -53,7 +50,6 @@ from raydetect.engines.tensorrt_plan import (
     to_fp16_onnx,
     unsupported_nodes,
 )
-from raydetect.model_card import ModelCard, UnsupportedModelError
 
 log = logging.getLogger(__name__)
 
@@ -475,66 +471,3 @@ def prepare_engine(card: ModelCard, config: DetectorConfig, *, force: bool = Fal
     with torch.cuda.device(idx):
         result = cache.load_or_build(key, build, load, allow_build=config.tensorrt.build, force=force)
     return PreparedEngine(result.value, runtime, key, result, plan, nms, params, shapes, idx)
-
-
-# --- raydetect build -----------------------------------------------------------------------
-
-
-#: the detector options ``build`` takes (the rest do not change the engine)
-BUILD_FIELDS = ("model", "precision", "conf", "iou", "max_det", "batch_size", "device")
-
-
-def add_cli(sub: argparse._SubParsersAction) -> None:
-    from raydetect.cli import DeprecatedAlias, add_detector_args, add_storage_args
-
-    p = sub.add_parser(
-        "build",
-        help="build (or find in the cache) the TensorRT engine of a model for this GPU",
-        description=(
-            "Build the TensorRT engine of a YOLO ONNX model for the GPU of this machine, with NMS inside "
-            "the network, and store it in the engine cache (next to the model, or --trt-cache). Prints the "
-            "build time and the layer precision summary. The options are those of detect/serve: the same "
-            "values there find this engine in the cache."
-        ),
-    )
-    add_detector_args(p, fields=BUILD_FIELDS)
-    # the spellings raydetect build had before sharing detect's options
-    p.add_argument("--max-batch", dest="batch_size", type=int, action=DeprecatedAlias, new="--batch-size")
-    p.add_argument("--cache", dest="trt_cache", action=DeprecatedAlias, new="--trt-cache")
-    p.add_argument("--force", action="store_true", help="rebuild even when the cache has the engine")
-    add_storage_args(p)
-    p.set_defaults(func=run_build)
-
-
-def build_config(args: argparse.Namespace) -> DetectorConfig:
-    from raydetect.cli import detector_config
-
-    return detector_config(args, engine="tensorrt")
-
-
-def run_build(args: argparse.Namespace) -> int:
-    why = probe_availability()
-    if why is not None:
-        raise EngineUnavailableError(f"cannot build a TensorRT engine here: {why}")
-    config = build_config(args)
-    card = ModelCard.load(config.model, config.storage)
-    t0 = time.perf_counter()
-    prepared = prepare_engine(card, config, force=args.force)
-    total = time.perf_counter() - t0
-    r = prepared.result
-    k = prepared.key
-    out = sys.stdout
-    print(f"engine: {r.engine_url}", file=out)
-    if r.status == "hit":
-        print(f"cache hit: already built for this GPU and settings (loaded in {total:.1f} s)", file=out)
-    else:
-        extra = f" ({r.reason})" if r.status == "rebuilt" else ""
-        print(f"{r.status}{extra}: build time {r.build_seconds:.1f} s", file=out)
-    print(
-        f"model {card.url}: precision {prepared.plan.precision}, NMS {prepared.nms} {prepared.nms_params}, "
-        f"batch profile min/opt/max {k.batch_profile}, input {k.imgsz[0]}x{k.imgsz[1]}",
-        file=out,
-    )
-    print(f"GPU {k.gpu_name} (sm{k.compute_capability}), TensorRT {k.tensorrt_version}", file=out)
-    print(format_precision_summary(prepared.precision_summary()), file=out)
-    return 0
