@@ -13,9 +13,9 @@ import annotated_types
 import pytest
 from pydantic import BaseModel
 
-from raydetect.cli import build_parser
 from raydetect.cli import bench as cli_bench
 from raydetect.cli import build as cli_build
+from raydetect.cli import build_parser
 from raydetect.cli import detect as cli_detect
 from raydetect.cli import eval as cli_eval
 from raydetect.cli import plan as cli_plan
