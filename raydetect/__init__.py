@@ -10,7 +10,7 @@ from raydetect.config import (
     VideoConfig,
 )
 from raydetect.job.results import Results, read_results
-from raydetect.types import Detection, ImageResult
+from raydetect.types import Detection, ImageResult, ModelIdentity
 from raydetect.version import __version__
 
 
@@ -32,7 +32,7 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'raydetect' has no attribute {name!r}")
 
 __all__ = [
-    "Detection", "Detector", "DetectorConfig", "ImageResult", "JobConfig", "Results", "ServeConfig",
+    "Detection", "Detector", "DetectorConfig", "ImageResult", "JobConfig", "ModelIdentity", "Results", "ServeConfig",
     "StorageConfig", "TensorRTConfig", "TorchConfig", "VideoConfig", "__version__", "app_builder",
     "read_results", "run_job",
 ]

@@ -7,7 +7,7 @@ equal to 1 (got 3.0)``.
 from __future__ import annotations
 
 import os
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -15,6 +15,14 @@ from raydetect.errors import RaydetectError
 
 EngineName = Literal["auto", "onnxruntime", "openvino", "torch", "tensorrt"]
 Precision = Literal["fp32", "fp16", "int8"]
+
+#: bounds of the per-request detection settings, shared by the configs and Serve's query parameters
+CONF_BOUNDS: dict[str, float] = {"ge": 0.0, "le": 1.0}
+IOU_BOUNDS: dict[str, float] = {"ge": 0.0, "le": 1.0}
+MAX_DET_BOUNDS: dict[str, int] = {"ge": 1, "le": 100_000}
+Confidence = Annotated[float, Field(**CONF_BOUNDS)]
+IoU = Annotated[float, Field(**IOU_BOUNDS)]
+MaxDet = Annotated[int, Field(**MAX_DET_BOUNDS)]
 
 DEFAULT_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -124,9 +132,9 @@ class DetectorConfig(_Strict):
     model: str = Field(min_length=1, description="Path or s3:// URL of a YOLO ONNX export")
     engine: EngineName = "auto"
     precision: Precision = "fp32"
-    conf: float = Field(0.25, ge=0.0, le=1.0, description="Minimum confidence")
-    iou: float = Field(0.7, ge=0.0, le=1.0, description="NMS IoU threshold")
-    max_det: int = Field(300, ge=1, le=100_000)
+    conf: Confidence = Field(0.25, description="Minimum confidence")
+    iou: IoU = Field(0.7, description="NMS IoU threshold")
+    max_det: MaxDet = Field(300, description="Max detections per image")
     batch_size: int = Field(16, ge=1, le=4096, description="Images per engine call")
     max_pixels: int = Field(40_000_000, ge=1, description="Larger images become error rows")
     max_bytes: int = Field(64 * 1024 * 1024, ge=1, description="Larger files become error rows")

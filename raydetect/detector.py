@@ -28,7 +28,7 @@ from raydetect.model_card import ModelCard, batch_check_error, batching_check_in
 from raydetect.stages.base import CpuPreprocessor, PreparedBatch, Rows, choose_stages, make_postprocessor
 from raydetect.stages.postprocess import nms_outputs_close
 from raydetect.stages.preprocess import Letterbox, unletterbox_boxes
-from raydetect.types import DetectionArray, ImageResult, results_to_table
+from raydetect.types import DetectionArray, ImageResult, ModelIdentity, results_to_table
 
 log = logging.getLogger(__name__)
 
@@ -340,10 +340,11 @@ class Detector:
         results = self.detect(list(batch["bytes"]), paths)
         return self.to_table(results)
 
+    @property
+    def identity(self) -> ModelIdentity:
+        """The model and engine behind this detector's rows and responses."""
+        return ModelIdentity(sha256=self.card.sha256, url=self.card.url, engine=self.engine.name,
+                             precision=self.engine.precision)
+
     def to_table(self, results: list[ImageResult]) -> pa.Table:
-        return results_to_table(
-            results,
-            model_sha256=self.card.sha256,
-            engine=self.engine.name,
-            precision=self.engine.precision,
-        )
+        return results_to_table(results, self.identity)

@@ -15,7 +15,7 @@ from raydetect.job.metrics import batch_counts
 from raydetect.job.report import annotate, rate_series, throughput_png, write_report
 from raydetect.job.run import JobSummary
 from raydetect.storage import filesystem
-from raydetect.types import Detection, ImageResult, results_to_table
+from raydetect.types import Detection, ImageResult, ModelIdentity, results_to_table
 from tests.conftest import MODELS, photo_paths
 
 
@@ -41,7 +41,7 @@ def make_output(tmp_path):
     fs, out = filesystem(str(tmp_path / "out"))
     fs.makedirs(out, exist_ok=True)
     res = results_for(photo_paths())
-    table = results_to_table(res, model_sha256="x", engine="onnxruntime", precision="fp32")
+    table = results_to_table(res, ModelIdentity("x", engine="onnxruntime", precision="fp32"))
     w = sh.ShardWriter(fs, out, sh.plan_shards([r.uri for r in res], 3))
     w.add(table)
     w.close()
@@ -91,7 +91,7 @@ def test_annotate_draws_inside_the_box():
 @pytest.mark.parametrize("frames", [False, True])
 def test_batch_counts(frames):
     res = results_for(photo_paths()[:4])
-    table = results_to_table(res, model_sha256="x", engine="e", precision="p")
+    table = results_to_table(res, ModelIdentity("x", engine="e", precision="p"))
     if frames:
         import pyarrow as pa
 

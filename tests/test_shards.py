@@ -11,7 +11,7 @@ import pytest
 
 from raydetect.job import output as sh
 from raydetect.storage import filesystem
-from raydetect.types import Detection, ImageResult, results_to_table
+from raydetect.types import Detection, ImageResult, ModelIdentity, results_to_table
 
 
 def rows(paths, prefix=""):
@@ -19,7 +19,7 @@ def rows(paths, prefix=""):
         ImageResult(uri=prefix + p, width=10, height=10, detections=[Detection(0, 0, 1, 1, 0.5, 1, "a")])
         for p in paths
     ]
-    return results_to_table(res, model_sha256="x", engine="onnxruntime", precision="fp32")
+    return results_to_table(res, ModelIdentity("x", engine="onnxruntime", precision="fp32"))
 
 
 def read_all(fs, out):

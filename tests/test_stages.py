@@ -22,7 +22,14 @@ from raydetect.engines.openvino import OpenVINOEngine
 from raydetect.engines.tensorrt import TensorRTEngine
 from raydetect.engines.torch import TorchEngine, compile_buckets, compile_mode
 from raydetect.stages.base import CpuPreprocessor, EngineRows, NumpyNMS, choose_stages
-from raydetect.types import RESULT_SCHEMA, Detection, DetectionArray, ImageResult, results_to_table
+from raydetect.types import (
+    RESULT_SCHEMA,
+    Detection,
+    DetectionArray,
+    ImageResult,
+    ModelIdentity,
+    results_to_table,
+)
 from tests.conftest import MODELS, REPO, photo_paths
 
 TRAINED = MODELS / "yolov8n-defects.onnx"
@@ -98,10 +105,10 @@ def test_detection_array_is_the_list_of_detections():
     assert pickle.loads(pickle.dumps(arr)) == as_list
     empty = DetectionArray.from_rows(np.zeros((0, 4)), [], [], {})
     results = [ImageResult("a", 40, 30, arr), ImageResult("b", 1, 1, empty), ImageResult("c", error="bad")]
-    kw = {"model_sha256": "s", "engine": "e", "precision": "fp32"}
-    fast = results_to_table(results, **kw)
+    model = ModelIdentity("s", engine="e", precision="fp32")
+    fast = results_to_table(results, model)
     slow = results_to_table([ImageResult("a", 40, 30, as_list), ImageResult("b", 1, 1, []),
-                             ImageResult("c", error="bad")], **kw)
+                             ImageResult("c", error="bad")], model)
     assert fast.schema == RESULT_SCHEMA and fast.equals(slow)
     assert fast.column("detections").type == pa.list_(RESULT_SCHEMA.field("detections").type.value_type)
 

@@ -40,7 +40,7 @@ from raydetect.storage import (
     storage_failure,
     uri_prefix,
 )
-from raydetect.types import ImageResult, results_to_table
+from raydetect.types import ImageResult, ModelIdentity, results_to_table
 
 log = logging.getLogger(__name__)
 
@@ -283,7 +283,7 @@ class Heartbeat:
 def error_rows(errors: dict[str, str], uri_prefix: str, model_sha256: str, precision: str):
     """Result rows for inputs that could not be read (no engine ran: ``engine`` is null)."""
     results = [ImageResult(uri=uri_prefix + p, error=reason) for p, reason in errors.items()]
-    return results_to_table(results, model_sha256=model_sha256, engine=None, precision=precision)
+    return results_to_table(results, ModelIdentity(sha256=model_sha256, precision=precision))
 
 
 def _results(ds, stop: threading.Event, out: queue.Queue) -> None:

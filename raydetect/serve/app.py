@@ -20,7 +20,7 @@ from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.responses import JSONResponse
 from ray import serve
 
-from raydetect.config import ServeConfig, validate
+from raydetect.config import CONF_BOUNDS, IOU_BOUNDS, MAX_DET_BOUNDS, ServeConfig, validate
 from raydetect.detector import Detector
 from raydetect.job.via_serve import ARCHIVE_BUSY
 from raydetect.serve import autoscale as serve_autoscale
@@ -105,9 +105,10 @@ api.add_middleware(_MetricsMiddleware)
 
 
 # Query parameters: FastAPI answers 422 for values outside these ranges.
-ConfQuery = Query(None, ge=0.0, le=1.0, description="Confidence threshold (default: the server's)")
-IouQuery = Query(None, ge=0.0, le=1.0, description="NMS IoU threshold (default: the server's)")
-MaxDetQuery = Query(None, ge=1, le=100_000, description="Max detections (default: the server's)")
+# the same bounds as the config fields (DetectorConfig.conf / iou / max_det)
+ConfQuery = Query(None, **CONF_BOUNDS, description="Confidence threshold (default: the server's)")
+IouQuery = Query(None, **IOU_BOUNDS, description="NMS IoU threshold (default: the server's)")
+MaxDetQuery = Query(None, **MAX_DET_BOUNDS, description="Max detections (default: the server's)")
 
 
 @dataclass
@@ -175,13 +176,7 @@ class DetectorServer:
         self._detect_batched.set_max_batch_size(cfg.max_batch_size)
         self._detect_batched.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
         self.metrics = serve_metrics.install(ServeMetrics(serve.get_replica_context().app_name))
-        info = self.detector.info()
-        self.model_id = {
-            "sha256": info["sha256"],
-            "url": info["url"],
-            "engine": info["engine"],
-            "precision": info["precision"],
-        }
+        self.model_id = self.detector.identity.as_dict()
         log.info("raydetect replica ready: %s", self.model_id)
 
     # --- routes -------------------------------------------------------------------------

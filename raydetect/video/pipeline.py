@@ -132,13 +132,9 @@ class VideoSegmentDetector:
         if done is not None:  # written by an earlier run of the same job (the manifest says so)
             return {**done, "resumed": True}
         outcome = detect_segment(self.detector, task, self.video, self.storage, decoder=self.decoder)
-        ident = {
-            "model_sha256": self.detector.card.sha256,
-            "engine": self.detector.engine.name,
-            "precision": self.detector.engine.precision,
-        }
-        stats = {**outcome.stats, "file": name, **ident, "resumed": False}
-        table = frame_results_to_table(outcome.rows, **ident)
+        model = self.detector.identity
+        stats = {**outcome.stats, "file": name, **model.columns(), "resumed": False}
+        table = frame_results_to_table(outcome.rows, model)
         table = table.replace_schema_metadata({SEGMENT_META_KEY: json.dumps(stats)})
         sh.write_bytes_atomic(self.out_fs, path, sh.table_to_parquet_bytes(table))
         self.metrics.record(table)
