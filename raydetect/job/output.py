@@ -23,7 +23,6 @@ import hashlib
 import json
 import logging
 import os
-import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,12 +30,11 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from raydetect.storage import is_remote_fs
+from raydetect.storage import TMP_SUFFIX, Location, is_remote_fs, write_bytes_atomic
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "_job.json"
-TMP_SUFFIX = ".tmp"
 PART_PREFIX = "part-"
 PART_SUFFIX = ".parquet"
 MANIFEST_VERSION = 1
@@ -207,26 +205,6 @@ def check_manifest(old: dict, new: dict, output: str) -> None:
         )
 
 
-def write_bytes_atomic(fs, path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that ``path`` is either absent or complete."""
-    if is_remote_fs(fs):
-        fs.pipe_file(path, data)  # one PUT (or a multipart upload, visible only once completed)
-        return
-    directory, name = path.rsplit("/", 1)
-    os.makedirs(directory, exist_ok=True)
-    tmp = _join(directory, f".{name}.{uuid.uuid4().hex}{TMP_SUFFIX}")  # hidden: readers skip it
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)  # atomic on one filesystem
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def write_manifest(fs, out_path: str, manifest: dict) -> None:
     fs.makedirs(out_path, exist_ok=True)
     data = json.dumps(manifest, indent=2, sort_keys=True).encode()
@@ -354,3 +332,79 @@ class ShardWriter:
                 f"{len(missing)} shard(s) did not receive a row for every input: {sample}; "
                 "re-run the job to finish them"
             )
+
+
+# --- the output as one object ------------------------------------------------------------------
+
+
+class JobOutput:
+    """The resumable output of one job at ``location``: the manifest that says which job wrote
+    it, the plan of the shards still to run, the shard writer and the totals over its part files.
+    :meth:`open` checks an existing output against this job's manifest (or empties it with
+    ``overwrite``) before anything is written."""
+
+    def __init__(self, location: Location, manifest: dict) -> None:
+        self.location = location
+        self.manifest = manifest
+
+    @property
+    def fs(self):
+        return self.location.fs
+
+    @property
+    def path(self) -> str:
+        return self.location.path
+
+    @classmethod
+    def open(cls, location: Location, manifest: dict, *, overwrite: bool = False, name: str | None = None,
+             normalise=None) -> JobOutput:
+        """Record ``manifest`` at ``location`` and return the output. An existing output is
+        resumed when its manifest matches (``normalise`` re-spells an older manifest's input),
+        replaced with ``overwrite``, and otherwise refused: :class:`OutputMismatchError` for
+        another job's results, ``FileExistsError`` for Parquet files without a manifest."""
+        fs, out_path, name = location.fs, location.path, name or location.url
+        if fs.exists(out_path):
+            if overwrite:
+                fs.rm(out_path, recursive=True)
+            else:
+                old = read_manifest(fs, out_path)
+                if old is None:
+                    existing = [p for p in fs.find(out_path) if p.endswith(".parquet")]
+                    if existing:
+                        raise FileExistsError(
+                            f"output {name} already holds {len(existing)} Parquet files but no "
+                            f"{MANIFEST} (not a resumable raydetect output); choose an empty output "
+                            "or pass --overwrite"
+                        )
+                else:
+                    if normalise is not None and isinstance(old.get("input"), str):
+                        old = {**old, "input": normalise(old["input"])}  # written before inputs were normalised
+                    check_manifest(old, manifest, name)
+                    manifest = {**old, "shard_size": manifest["shard_size"], "resumed": manifest["created"]}
+                clean_tmp(fs, out_path)
+        write_manifest(fs, out_path, manifest)
+        return cls(location, manifest)
+
+    def plan(self, paths: Sequence[str], shard_size: int, uri_prefix: str) -> ShardPlan:
+        """The shards still to run for ``paths`` (see :func:`plan_resume`)."""
+        return plan_resume(self.fs, self.path, paths, shard_size, uri_prefix)
+
+    def writer(self, shards: Sequence[Shard], uri_prefix: str) -> ShardWriter:
+        return ShardWriter(self.fs, self.path, shards, uri_prefix)
+
+    def parts(self) -> list[str]:
+        """Paths of the image part files, sorted."""
+        return sorted(existing_parts(self.fs, self.path).values())
+
+    def totals(self) -> tuple[int, int]:
+        """``(detections, error rows)`` over all image part files."""
+        import pyarrow.compute as pc
+        import pyarrow.dataset as pads
+
+        parts = self.parts()
+        if not parts:
+            return 0, 0
+        table = pads.dataset(parts, filesystem=self.fs, format="parquet").to_table(columns=["detections", "error"])
+        dets = int(pc.sum(pc.list_value_length(table["detections"])).as_py() or 0)
+        errors = int(table["error"].is_valid().to_numpy(zero_copy_only=False).sum())
+        return dets, errors

@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow.dataset as pads
 
 from raydetect.job import output as sh
-from raydetect.storage import show
+from raydetect.storage import show, write_bytes_atomic
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +130,7 @@ def write_samples(table, k: int, in_fs, out_fs, report_path: str, uri_prefix: st
             continue
         stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", path.rsplit("/", 1)[-1].rsplit(".", 1)[0])[:60]
         name = f"samples/{n:02d}-{stem}.jpg"
-        sh.write_bytes_atomic(out_fs, f"{report_path}/{name}", jpg.tobytes())
+        write_bytes_atomic(out_fs, f"{report_path}/{name}", jpg.tobytes())
         out.append({"uri": r["uri"], "file": name, "detections": len(r["detections"] or [])})
     return out
 
@@ -216,7 +216,7 @@ def write_report(cfg, summary, timeline, in_fs, out_fs, out_path: str, uri_prefi
     if len(timeline) >= 2:
         png = throughput_png(timeline, f"raydetect: {summary.processed} images, {summary.images_per_s:.1f}/s")
         if png is not None:
-            sh.write_bytes_atomic(out_fs, f"{report_path}/throughput.png", png)
+            write_bytes_atomic(out_fs, f"{report_path}/throughput.png", png)
             plot = "throughput.png"
         else:
             log.info("matplotlib is not installed: no throughput plot (pip install 'raydetect[report]')")
@@ -224,6 +224,6 @@ def write_report(cfg, summary, timeline, in_fs, out_fs, out_path: str, uri_prefi
         write_samples(table, cfg.report_samples, in_fs, out_fs, report_path, uri_prefix) if table is not None else []
     )
     rep = build_report(summary, timeline, table, samples, plot, cfg)
-    sh.write_bytes_atomic(out_fs, f"{report_path}/report.json", json.dumps(rep, indent=2).encode())
-    sh.write_bytes_atomic(out_fs, f"{report_path}/report.md", to_markdown(rep).encode())
+    write_bytes_atomic(out_fs, f"{report_path}/report.json", json.dumps(rep, indent=2).encode())
+    write_bytes_atomic(out_fs, f"{report_path}/report.md", to_markdown(rep).encode())
     return f"{cfg.output.rstrip('/')}/{REPORT_DIR}/report.json"

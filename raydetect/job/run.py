@@ -21,15 +21,12 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import pyarrow.compute as pc
-import pyarrow.dataset as pads
-
 from raydetect.config import JobConfig
 from raydetect.errors import RaydetectError
 from raydetect.job import output as sh
 from raydetect.storage import (
+    Location,
     StorageUnavailableError,
-    filesystem,
     needs_own_reader,
     normalise_url,
     read_bytes,
@@ -192,43 +189,12 @@ def job_manifest(cfg: JobConfig, serve_info: dict | None = None) -> dict:
     return manifest
 
 
-def prepare_output(cfg: JobConfig, manifest: dict, overwrite: bool):
-    """Check the output against ``manifest`` (or empty it with ``overwrite``), record the
-    manifest, and return ``(fs, path)``. Raises :class:`~raydetect.job.output.OutputMismatchError`
-    (a ``FileExistsError``) when the output holds results of another job."""
-    out_fs, out_path = filesystem(cfg.output, cfg.detector.storage)
-    if out_fs.exists(out_path):
-        if overwrite:
-            out_fs.rm(out_path, recursive=True)
-        else:
-            old = sh.read_manifest(out_fs, out_path)
-            if old is None:
-                existing = [p for p in out_fs.find(out_path) if p.endswith(".parquet")]
-                if existing:
-                    raise FileExistsError(
-                        f"output {cfg.output} already holds {len(existing)} Parquet files but no "
-                        f"{sh.MANIFEST} (not a resumable raydetect output); choose an empty output "
-                        "or pass --overwrite"
-                    )
-            else:
-                if isinstance(old.get("input"), str):  # written before inputs were normalised
-                    old = {**old, "input": normalise_url(old["input"])}
-                sh.check_manifest(old, manifest, cfg.output)
-                manifest = {**old, "shard_size": manifest["shard_size"], "resumed": manifest["created"]}
-            sh.clean_tmp(out_fs, out_path)
-    sh.write_manifest(out_fs, out_path, manifest)
-    return out_fs, out_path
-
-
-def summarize(out_fs, out_path: str, images: int, seconds: float, output: str) -> JobSummary:
-    """Detections and errors over all image part files of the output."""
-    parts = sorted(sh.existing_parts(out_fs, out_path).values())
-    if not parts:
-        return JobSummary(images=images, seconds=seconds, detections=0, errors=0, output=output)
-    table = pads.dataset(parts, filesystem=out_fs, format="parquet").to_table(columns=["detections", "error"])
-    dets = int(pc.sum(pc.list_value_length(table["detections"])).as_py() or 0)
-    errors = int(table["error"].is_valid().to_numpy(zero_copy_only=False).sum())
-    return JobSummary(images=images, seconds=seconds, detections=dets, errors=errors, output=output)
+def open_output(cfg: JobConfig, manifest: dict, overwrite: bool) -> sh.JobOutput:
+    """The job's output, checked against ``manifest`` (or emptied with ``overwrite``), with the
+    manifest recorded. Raises :class:`~raydetect.job.output.OutputMismatchError` (a
+    ``FileExistsError``) when the output holds results of another job."""
+    return sh.JobOutput.open(Location.of(cfg.output, cfg.detector.storage), manifest, overwrite=overwrite,
+                             name=cfg.output, normalise=normalise_url)
 
 
 class Heartbeat:
@@ -304,7 +270,7 @@ def _results(ds, stop: threading.Event, out: queue.Queue) -> None:
         out.put(e)
 
 
-def run_images(cfg: JobConfig, in_fs, out_fs, out_path: str, plan: sh.ShardPlan, uri_prefix: str,
+def run_images(cfg: JobConfig, in_fs, output: sh.JobOutput, plan: sh.ShardPlan, uri_prefix: str,
                timeline: list[tuple[float, int]], errors: dict[str, str] | None = None,
                model_sha256: str = "", heartbeat: Heartbeat | None = None,
                serve_info: dict | None = None) -> sh.WriteStats:
@@ -314,7 +280,7 @@ def run_images(cfg: JobConfig, in_fs, out_fs, out_path: str, plan: sh.ShardPlan,
     (it logs the stalls); after ``cfg.stall_timeout_s`` without one the job fails with
     :class:`JobStalledError`."""
     hb = heartbeat or Heartbeat(cfg.stall_warn_s, show(cfg.input))
-    writer = sh.ShardWriter(out_fs, out_path, plan.pending, uri_prefix)
+    writer = output.writer(plan.pending, uri_prefix)
     pending = plan.pending_paths
     errors = errors or {}
     bad = {p: errors[p] for p in pending if p in errors}
@@ -439,8 +405,8 @@ def _run_job(cfg: JobConfig, overwrite: bool, hb: Heartbeat) -> JobSummary:
     hb.beat(f"reading the model and preparing {show(cfg.output)}")
     with _storage_phase(f"reading the model and preparing {show(cfg.output)}", cfg):
         manifest = job_manifest(cfg, serve_info)
-        out_fs, out_path = prepare_output(cfg, manifest, overwrite)
-        plan = sh.plan_resume(out_fs, out_path, files, cfg.shard_size, prefix)
+        output = open_output(cfg, manifest, overwrite)
+        plan = output.plan(files, cfg.shard_size, prefix)
     total_shards = len(plan.pending) + len([d for d in plan.done if d not in plan.stale_parts])
     if plan.pending or videos:
         hb.beat("starting Ray and waiting for actor resources")
@@ -460,11 +426,13 @@ def _run_job(cfg: JobConfig, overwrite: bool, hb: Heartbeat) -> JobSummary:
         resume = (f"the finished shards are in {show(cfg.output)}; re-run the same command to resume "
                   "(done shards are skipped)")
         with _storage_phase(f"running {len(plan.pending)} shards of {show(cfg.input)}", cfg, resume):
-            stats = run_images(cfg, in_fs, out_fs, out_path, plan, prefix, timeline, errors,
+            stats = run_images(cfg, in_fs, output, plan, prefix, timeline, errors,
                                manifest["model_sha256"], hb, serve_info)
     hb.beat("summarizing")
     seconds = time.perf_counter() - t0
-    summary = summarize(out_fs, out_path, len(files), seconds, cfg.output)
+    detections, n_errors = output.totals()
+    summary = JobSummary(images=len(files), seconds=seconds, detections=detections, errors=n_errors,
+                         output=cfg.output)
     summary.processed = len(plan.pending_paths)
     summary.shards = total_shards
     summary.shards_skipped = total_shards - len(plan.pending)
@@ -473,11 +441,11 @@ def _run_job(cfg: JobConfig, overwrite: bool, hb: Heartbeat) -> JobSummary:
     summary.unreadable = sum(1 for p in files if p in errors)
     summary.skipped = dict(listing.skipped)
     summary.startup_s = t0 - t_start
-    if videos:  # after the images: summarize() reads the top level of the output only then
+    if videos:  # after the images: totals() read the top level of the output only then
         hb.mute("running videos")
         summary.video = run_video_job(cfg, in_fs, videos)
     if cfg.report and files:
-        summary.report = _write_report(cfg, summary, timeline, in_fs, out_fs, out_path, prefix,
+        summary.report = _write_report(cfg, summary, timeline, in_fs, output.fs, output.path, prefix,
                                        keep_existing=not plan.pending)
     return summary
 

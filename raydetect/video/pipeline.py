@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 
 from raydetect.config import DetectorConfig, JobConfig, StorageConfig, VideoConfig
 from raydetect.job import output as sh
-from raydetect.storage import filesystem, to_uri
+from raydetect.storage import filesystem, to_uri, write_bytes_atomic
 from raydetect.types import VIDEO_SUMMARY_SCHEMA, frame_results_to_table
 from raydetect.video.detect import SegmentTask, detect_segment, plan_video
 
@@ -136,7 +136,7 @@ class VideoSegmentDetector:
         stats = {**outcome.stats, "file": name, **model.columns(), "resumed": False}
         table = frame_results_to_table(outcome.rows, model)
         table = table.replace_schema_metadata({SEGMENT_META_KEY: json.dumps(stats)})
-        sh.write_bytes_atomic(self.out_fs, path, sh.table_to_parquet_bytes(table))
+        write_bytes_atomic(self.out_fs, path, sh.table_to_parquet_bytes(table))
         self.metrics.record(table)
         return stats
 
@@ -272,7 +272,7 @@ def run_video_job(cfg: JobConfig, in_fs, paths: list[str]) -> VideoJobSummary:
     out_fs, out_path = filesystem(out, cfg.detector.storage)
     summary_dir = f"{out_path}/{SUMMARY_DIR}"
     out_fs.makedirs(summary_dir, exist_ok=True)
-    sh.write_bytes_atomic(out_fs, f"{summary_dir}/summary.parquet", sh.table_to_parquet_bytes(table))
+    write_bytes_atomic(out_fs, f"{summary_dir}/summary.parquet", sh.table_to_parquet_bytes(table))
     col = table.to_pydict()
     return VideoJobSummary(
         videos=table.num_rows,
