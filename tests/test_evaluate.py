@@ -298,4 +298,4 @@ def test_cli_eval_help_shows_val_defaults_and_parses_them():
     assert tuple(getattr(args, f"detector.{n}") for n in ("conf", "iou", "max_det")) == (0.001, 0.7, 300)
     detect_text = " ".join(sub["detect"].format_help().split())
     assert "Minimum confidence (default 0.25)" in detect_text
-    assert parser.parse_args(["detect", "--model", "m", "--input", "i", "--output", "o"]).conf == 0.25
+    assert getattr(parser.parse_args(["detect", "--model", "m", "--input", "i", "--output", "o"]), "detector.conf") == 0.25
