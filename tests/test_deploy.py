@@ -217,7 +217,7 @@ def test_grafana_dashboard_charts_raydetect_metrics():
     dash = json.loads((REPO / "deploy" / "grafana-dashboard.json").read_text())
     assert dash["title"] and dash["uid"] and dash["panels"]
     defined = set()
-XX
+    for module in ("job/metrics.py", "serve/metrics.py"):  # the job's and the Serve replicas' metrics
         defined |= set(re.findall(r'"(raydetect_[a-z_]+)"', (REPO / "raydetect" / module).read_text()))
     assert {"raydetect_job_images", "raydetect_job_batch_latency_s", "raydetect_job_gpu_memory_bytes"} <= defined
     used = set()
