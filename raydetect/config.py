@@ -452,10 +452,14 @@ def _format(err: ValidationError, prefix: str) -> str:
     parts = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"])
+        msg = e["msg"]
+        field, sep, rest = msg.removeprefix("Value error, ").partition(": ")
+        if not loc and sep and field.isidentifier():  # a model validator naming its field ("replicas: ...")
+            loc, msg = field, rest
         name = f"{prefix}.{loc}" if prefix and loc else (loc or prefix)
         got = e.get("input")
-        got_s = "" if isinstance(got, dict) else f" (got {got!r})"
-        parts.append(f"{name}: {e['msg']}{got_s}")
+        got_s = "" if isinstance(got, dict) or "(got " in msg else f" (got {got!r})"
+        parts.append(f"{name}: {msg}{got_s}")
     return "; ".join(parts)
 
 

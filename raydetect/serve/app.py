@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 from fastapi import FastAPI, HTTPException, Query, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import Response
 from ray import serve
 
 from raydetect.config import CONF_BOUNDS, IOU_BOUNDS, MAX_DET_BOUNDS, ServeConfig, validate
@@ -38,6 +38,7 @@ from raydetect.serve.http import (
     check_image_type,
     check_upload,
     decode_upload,
+    enforce,
     image_body_openapi,
     media_type,
     parse_multipart,
@@ -185,10 +186,11 @@ class DetectorServer:
         return {"status": "ok"}
 
     @api.get("/v1/model", response_model=ModelInfo, summary="The model and engine behind the endpoint")
-    async def model(self, request: Request) -> JSONResponse:
+    async def model(self, request: Request) -> Response:
         check_api_key(request.headers, self.api_key)
         info = self.detector.info()
-        return JSONResponse(
+        return enforce(
+            ModelInfo,
             {
                 "sha256": info["sha256"],
                 "url": info["url"],
@@ -217,7 +219,7 @@ class DetectorServer:
         conf: float | None = ConfQuery,
         iou: float | None = IouQuery,
         max_det: int | None = MaxDetQuery,
-    ) -> JSONResponse:
+    ) -> Response:
         t0 = time.perf_counter()
         check_api_key(request.headers, self.api_key)
         return await self._with_timeout(self._detect_one(request, t0, conf, iou, max_det))
@@ -235,7 +237,7 @@ class DetectorServer:
         conf: float | None = ConfQuery,
         iou: float | None = IouQuery,
         max_det: int | None = MaxDetQuery,
-    ) -> JSONResponse:
+    ) -> Response:
         t0 = time.perf_counter()
         check_api_key(request.headers, self.api_key)
         return await self._with_timeout(self._detect_many(request, t0, conf, iou, max_det))
@@ -366,13 +368,13 @@ class DetectorServer:
         self.metrics.set_depths(self._online_waiting, len(self._archive), self._archive_batches)
 
     # --- request handling ---------------------------------------------------------------
-    async def _with_timeout(self, work) -> JSONResponse:
+    async def _with_timeout(self, work) -> Response:
         try:
             return await asyncio.wait_for(work, timeout=self.cfg.timeout_s)
         except asyncio.TimeoutError:
             raise HTTPException(504, f"request took longer than timeout_s {self.cfg.timeout_s} s") from None
 
-    async def _detect_one(self, request: Request, t0: float, conf, iou, max_det) -> JSONResponse:
+    async def _detect_one(self, request: Request, t0: float, conf, iou, max_det) -> Response:
         det = self.cfg.detector
         ctype = media_type(request.headers.get("content-type"))
         if ctype == MULTIPART:
@@ -389,9 +391,9 @@ class DetectorServer:
             upload = Upload("body", "body", ctype, await read_body(request, det.max_bytes, self.cfg.read_timeout_s))
         result, timings = await self._run(upload, conf, iou, max_det)
         timings["total_ms"] = (time.perf_counter() - t0) * 1e3
-        return JSONResponse({**result.to_dict(), "model": self.model_id, "timings": timings})
+        return enforce(DetectResponse, {**result.to_dict(), "model": self.model_id, "timings": timings})
 
-    async def _detect_many(self, request: Request, t0: float, conf, iou, max_det) -> JSONResponse:
+    async def _detect_many(self, request: Request, t0: float, conf, iou, max_det) -> Response:
         det, cfg = self.cfg.detector, self.cfg
         ctype = media_type(request.headers.get("content-type"))
         if ctype != MULTIPART:
@@ -412,7 +414,7 @@ class DetectorServer:
             return {"status": 200, **result.to_dict(), "timings": timings}
 
         results = await asyncio.gather(*(one(u) for u in uploads))
-        return JSONResponse({"model": self.model_id, "results": results})
+        return enforce(BatchResponse, {"model": self.model_id, "results": results})
 
     async def _run(self, upload: Upload, conf, iou, max_det) -> tuple[ImageResult, dict[str, float]]:
         # Decoded pixels in flight are bounded (max_pixels_in_flight): big images wait for room.

@@ -11,16 +11,19 @@ the JSON wire format. Plain functions over Starlette requests, so the Serve depl
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import os
+import typing
 from collections.abc import AsyncIterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 from fastapi import HTTPException
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, create_model
 from starlette.requests import Request
+from starlette.responses import Response
 
 from raydetect.config import ConfigError
 from raydetect.stages.preprocess import (
@@ -31,6 +34,7 @@ from raydetect.stages.preprocess import (
     decode_image,
     image_size,
 )
+from raydetect.types import Detection, ModelIdentity
 
 IMAGE_TYPES = ("image/jpeg", "image/png", "image/webp", "image/bmp", "image/tiff")
 MULTIPART = "multipart/form-data"
@@ -284,21 +288,15 @@ def image_errors_as_http():
 # --- wire format (documents the JSON in the OpenAPI schema) -----------------------------
 
 
-class DetectionOut(BaseModel):
-    x1: float
-    y1: float
-    x2: float
-    y2: float
-    score: float
-    class_id: int
-    class_name: str
+def model_of(dc: type, name: str, doc: str) -> type[BaseModel]:
+    """The pydantic model of the dataclass ``dc`` (same field names and types): the wire format
+    of a result type is derived from the type itself, never written twice."""
+    hints = typing.get_type_hints(dc)
+    return create_model(name, __doc__=doc, **{f.name: (hints[f.name], ...) for f in dataclasses.fields(dc)})
 
 
-class ModelId(BaseModel):
-    sha256: str
-    url: str
-    engine: str
-    precision: str
+DetectionOut = model_of(Detection, "DetectionOut", "One box, pixel xyxy in the original image")
+ModelId = model_of(ModelIdentity, "ModelId", "The model and engine that answered")
 
 
 class TimingsOut(BaseModel):
@@ -349,6 +347,13 @@ class ModelInfo(BaseModel):
     max_batch_size: int = Field(description="Requests merged into one engine call")
     batch_wait_timeout_s: float
     engine_batch_size: int = Field(description="Images per engine call (the detector's chunk)")
+
+
+def enforce(model: type[BaseModel], payload: dict) -> Response:
+    """``payload`` validated by its response model and serialized by it (FastAPI does not
+    validate a ``Response`` a handler returns itself): what the OpenAPI schema documents is what
+    is sent, or the request fails with 500."""
+    return Response(model.model_validate(payload).model_dump_json(), media_type="application/json")
 
 
 def image_body_openapi(*, many: bool) -> dict:
