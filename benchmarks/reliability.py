@@ -6,7 +6,7 @@
 Scenarios, each on a real local Ray instance (2 CPUs) and, for S3, a real moto server run as
 a subprocess (so it can be paused with SIGSTOP and killed):
 
-* ``bad-entries``: the folder of tests/test_reliability.py (good images next to broken
+* ``bad-entries``: the folder of tests/job/test_reliability.py (good images next to broken
   links, a FIFO, directories named like images, link loops, a non-UTF-8 name, newline/tab
   names, truncated/corrupt/empty files, trailing data, 10000x1 PNGs, unlisted extensions),
   run, then re-run (resume). Rows lost = image-like entries without a row; duplicated = rows
@@ -37,7 +37,7 @@ import pyarrow.parquet as pq  # noqa: E402
 from raydetect.config import DetectorConfig, JobConfig  # noqa: E402
 from raydetect.job.run import run_job  # noqa: E402
 from tests.conftest import S3_KEY, S3_SECRET  # noqa: E402
-from tests.test_reliability import MODEL, MotoProcess, build_input, upload  # noqa: E402
+from tests.job.test_reliability import MODEL, MotoProcess, build_input, upload  # noqa: E402
 
 
 def count_entries(d: Path) -> int:

@@ -1,5 +1,5 @@
 """Real `raydetect serve` processes and real (slow, hostile) HTTP clients on 127.0.0.1, shared
-by tests/test_serve_isolation.py and benchmarks/serve_reliability.py."""
+by tests/serve/test_serve_isolation.py and benchmarks/serve_reliability.py."""
 
 from __future__ import annotations
 

@@ -16,7 +16,7 @@
   runs ``execute_async_v3`` directly at the exact batch size.
 
 TensorRT could not be installed where this was written; its GPU tests
-(``tests/test_tensorrt_gpu.py``) have not been run.
+(``tests/engines/test_tensorrt_gpu.py``) have not been run.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """`raydetect serve` as a user runs it: a subprocess that starts its own Ray, serves on
 127.0.0.1 until Ctrl-C (SIGINT) or SIGTERM, then stops cleanly (exit 0, no stack dump). It runs the classic Python proxy
-(``--ingress proxy``); tests/test_serve.py covers the default HAProxy ingress."""
+(``--ingress proxy``); tests/serve/test_serve.py covers the default HAProxy ingress."""
 
 import os
 import signal
