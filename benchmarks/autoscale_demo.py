@@ -149,7 +149,7 @@ def main() -> int:
     os.environ["RAY_AUTH_MODE"] = "token"  # before importing ray: it reads the mode once
     import ray
 
-    from raydetect.local_cluster import start_head, stop_session
+    from tests.local_cluster import start_head, stop_session
 
     port = free_port()
     node_ip = ray._private.services.get_node_ip_address()
@@ -181,7 +181,7 @@ def main() -> int:
         time.sleep(3)
 
         from raydetect.config import DetectorConfig, JobConfig
-        from raydetect.job import run_job
+        from raydetect.job.run import run_job
 
         job = JobConfig(
             input=str(src), output=str(work / "out"), num_gpus=1.0, num_cpus=1.0, concurrency=2, min_actors=1,

@@ -4,7 +4,7 @@
 
 Both are measured on the same files, alternating, ``--repeats`` times; medians are
 reported. *Engine only* = ONNX Runtime on already letterboxed tensors (no reading,
-decoding, letterboxing, NMS or writing). *Job* = ``raydetect.job.run_job`` from file
+decoding, letterboxing, NMS or writing). *Job* = ``raydetect.job.run.run_job`` from file
 listing to Parquet written, with Ray already started (the actor start, model load and
 warm-up are inside the job's time). Results: ``benchmarks/results/cpu_job.json|md``.
 """
@@ -30,9 +30,9 @@ sys.path.insert(0, str(REPO))
 
 from raydetect.config import DetectorConfig, JobConfig  # noqa: E402
 from raydetect.engines.onnxruntime import OnnxRuntimeEngine  # noqa: E402
-from raydetect.job import run_job  # noqa: E402
+from raydetect.job.run import run_job  # noqa: E402
 from raydetect.model_card import ModelCard  # noqa: E402
-from raydetect.preprocess import letterbox, to_tensor  # noqa: E402
+from raydetect.stages.preprocess import letterbox, to_tensor  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data"
 

@@ -23,7 +23,7 @@ keeps the sections of an earlier results file that this run does not measure aga
   k+1's preparation with chunk k, and a per-stage profile through the public stages;
 * ``ready``: seconds from a fresh process to a ready detector (an actor's constructor) with an
   empty compiled-kernel cache and then with the cache the first filled;
-* ``e2e``: the Ray Data job (``raydetect.job.run_job``, torch FP16) over the files, for the
+* ``e2e``: the Ray Data job (``raydetect.job.run.run_job``, torch FP16) over the files, for the
   variants in ``E2E_VARIANTS`` (compiled or eager, batch, actors, threads, rows per call): total
   and steady-state images/s, time to the first result, GPU busy fraction (NVML).
 
@@ -180,7 +180,7 @@ def bench_engine(model: str, device: str, batches: list[int], precisions: list[s
     from raydetect.config import DetectorConfig
     from raydetect.engines.torch import TorchEngine
     from raydetect.model_card import ModelCard
-    from raydetect.preprocess import decode_image, letterbox, to_tensor
+    from raydetect.stages.preprocess import decode_image, letterbox, to_tensor
 
     card = ModelCard.load(model)
     imgs = [decode_image(b, 10**9, 10**9) for b in load_bytes(coco_dir, 48)]
@@ -296,7 +296,7 @@ def ready_times(model: str, device: str, batch: int, work: Path) -> dict[str, An
 def _cv_worker(args: tuple[list[str], bool]) -> tuple[int, float]:
     paths, with_letterbox = args
     cv2.setNumThreads(1)
-    from raydetect.preprocess import letterbox
+    from raydetect.stages.preprocess import letterbox
 
     blobs = [Path(p).read_bytes() for p in paths]
     t0 = time.perf_counter()
@@ -311,7 +311,7 @@ def bench_decode(sets: dict[str, Any], device: str, batch: int, cpu_workers: int
                  n_cpu: int) -> dict[str, Any]:
     import torch
 
-    from raydetect.gpu_preprocess import GpuPreprocessor
+    from raydetect.stages.gpu_preprocess import GpuPreprocessor
 
     out: dict[str, Any] = {"cpu_workers": cpu_workers, "batch": batch}
     for name, info in sets.items():
@@ -328,7 +328,7 @@ def bench_decode(sets: dict[str, Any], device: str, batch: int, cpu_workers: int
                 decode_jpeg(tens[s : s + batch], mode=ImageReadMode.RGB, device=device)
             sync(device)
             row["nvjpeg_torchvision"] = r3(len(tens) / (time.perf_counter() - t0))
-            from raydetect.gpu_preprocess import nvimgcodec_status
+            from raydetect.stages.gpu_preprocess import nvimgcodec_status
 
             why = nvimgcodec_status()
             decoders = ["nvjpeg"] + (["nvimgcodec"] if why is None else [])
@@ -412,8 +412,8 @@ def bench_h2d(model: str, sets: dict[str, Any], device: str, work: Path, n: int)
 
     from raydetect.config import DetectorConfig
     from raydetect.engines.torch import TorchEngine
-    from raydetect.gpu_preprocess import GpuPreprocessor
     from raydetect.model_card import ModelCard
+    from raydetect.stages.gpu_preprocess import GpuPreprocessor
 
     card = ModelCard.load(model)
     eng = TorchEngine(card, DetectorConfig(model=model, engine="torch", device=device, batch_size=64,
@@ -441,8 +441,8 @@ def bench_h2d(model: str, sets: dict[str, Any], device: str, work: Path, n: int)
 
 
 def _h2d_variants(eng, card, blobs: list[bytes], device: str) -> dict[str, Any]:
-    from raydetect.gpu_preprocess import GpuPreprocessor
-    from raydetect.preprocess import decode_image, letterbox, to_tensor
+    from raydetect.stages.gpu_preprocess import GpuPreprocessor
+    from raydetect.stages.preprocess import decode_image, letterbox, to_tensor
 
     def through(pp) -> None:
         for s in range(0, len(blobs), 64):
@@ -597,12 +597,12 @@ def steady_rate(timeline: list[list[float]]) -> tuple[float, float, float]:
     return ((n1 - n0) / (t1 - t0) if t1 > t0 else float("nan")), t0, t1
 
 
-#: perf_counter() at each start of raydetect.job.run_images (the clock of the job's timeline)
+#: perf_counter() at each start of raydetect.job.run.run_images (the clock of the job's timeline)
 RUN_IMAGES_T0: list[float] = [0.0]
 
 
 def _mark_run_images() -> None:
-    import raydetect.job as job
+    import raydetect.job.run as job
 
     if getattr(job.run_images, "_marked", False):
         return
@@ -621,7 +621,7 @@ def bench_e2e(model: str, sets: dict[str, Any], device: str, batch: int, variant
     import ray
 
     from raydetect.config import DetectorConfig, JobConfig
-    from raydetect.job import run_job
+    from raydetect.job.run import run_job
 
     _mark_run_images()
     gpus = 1 if device.startswith("cuda") else 0

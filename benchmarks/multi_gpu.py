@@ -8,7 +8,7 @@ point on 1, 2, … N GPUs, in one call.
 For each GPU count k it starts a fresh local Ray instance that sees only the first k GPUs
 (``CUDA_VISIBLE_DEVICES``, ``num_gpus=k``; every CPU of the host), then measures:
 
-* ``job``: ``raydetect.job.run_job`` over ``k * --files-per-gpu`` 640x480 baseline JPEGs (made by
+* ``job``: ``raydetect.job.run.run_job`` over ``k * --files-per-gpu`` 640x480 baseline JPEGs (made by
   ``gpu_pipeline.coco_variants`` from the photos, as ``gpu_pipeline.make_dataset`` makes its
   *coco640* set), with the settings of the best single-GPU run (``gpu_pipeline.json``
   ``summary.e2e_run`` = compiled_3actors_t2_r256: torch FP16 compiled, batch 64,
@@ -193,9 +193,9 @@ def make_coco640(work: Path, n: int) -> dict[str, Any]:
 @contextlib.contextmanager
 def instrumented_job():
     """Time the job's listing (``scan_inputs``) and keep its Ray Dataset (for its stats) by
-    wrapping two of ``raydetect.job``'s functions for the duration; ``gpu_pipeline`` marks the
+    wrapping two of ``raydetect.job.run``'s functions for the duration; ``gpu_pipeline`` marks the
     start of ``run_images`` (the clock of the report's timeline)."""
-    import raydetect.job as job
+    import raydetect.job.run as job
 
     gp._mark_run_images()
     info: dict[str, Any] = {"listing_s": 0.0, "datasets": []}
@@ -251,7 +251,7 @@ def job_settings(args: argparse.Namespace, work: Path):
 def run_image_job(k: int, args: argparse.Namespace, coco: dict[str, Any], work: Path, ids: list[str],
                   limit: int, name: str) -> dict[str, Any]:
     from raydetect.config import JobConfig
-    from raydetect.job import run_job
+    from raydetect.job.run import run_job
 
     actors = args.actors_per_gpu * k
     cfg = JobConfig(input=coco["dir"], output=str(work / f"out_{name}"), detector=job_settings(args, work),
@@ -290,7 +290,7 @@ def isolate_serve(max_replicas: int, private: Path) -> None:
     """A private port block and HAProxy directory (``private``: a short path, HAProxy's socket
     paths must fit 97 bytes) for every Ray instance this process starts (other Serve instances
     on the host, e.g. a test run, stay apart), and the HAProxy ingress."""
-    from raydetect.serve_ingress import block_size, isolation_env, reserve_ports, use_ingress
+    from raydetect.serve.ingress import block_size, isolation_env, reserve_ports, use_ingress
 
     use_ingress("haproxy", drain_s=1.0)
     base = reserve_ports(block_size(max_replicas))
@@ -302,7 +302,7 @@ def run_serve_point(k: int, args: argparse.Namespace, body: bytes, pool, ids: li
 
     from ray import serve
 
-    from raydetect.serve import app_builder
+    from raydetect.serve.app import app_builder
 
     replicas, clients = args.replicas_per_gpu * k, args.clients_per_gpu * k
     procs = max(1, min(args.client_procs_per_gpu * k, args.max_client_procs))

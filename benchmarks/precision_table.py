@@ -54,7 +54,7 @@ def _worker(conn, row: dict) -> None:
         det = Detector({"model": row["model"], "engine": row["engine"], "precision": row["precision"],
                         "batch_size": 8, "conf": 0.25, "device": row.get("device")})
         images = [Path(p).read_bytes() for p in row["images"]]
-        from raydetect.preprocess import decode_image, letterbox, to_tensor
+        from raydetect.stages.preprocess import decode_image, letterbox, to_tensor
 
         h, w = det.card.imgsz
         x = to_tensor([letterbox(decode_image(b, 10**9, 10**9), h, w)[0] for b in images[:8]])

@@ -6,7 +6,7 @@
 Scenarios, each on a real local Ray instance (2 CPUs) and, for S3, a real moto server run as
 a subprocess (so it can be paused with SIGSTOP and killed):
 
-* ``bad-entries``: the folder of tests/test_reliability.py (good images next to broken
+* ``bad-entries``: the folder of tests/job/test_reliability.py (good images next to broken
   links, a FIFO, directories named like images, link loops, a non-UTF-8 name, newline/tab
   names, truncated/corrupt/empty files, trailing data, 10000x1 PNGs, unlisted extensions),
   run, then re-run (resume). Rows lost = image-like entries without a row; duplicated = rows
@@ -35,9 +35,9 @@ sys.path.insert(0, str(REPO))
 import pyarrow.parquet as pq  # noqa: E402
 
 from raydetect.config import DetectorConfig, JobConfig  # noqa: E402
-from raydetect.job import run_job  # noqa: E402
+from raydetect.job.run import run_job  # noqa: E402
 from tests.conftest import S3_KEY, S3_SECRET  # noqa: E402
-from tests.test_reliability import MODEL, MotoProcess, build_input, upload  # noqa: E402
+from tests.job.test_reliability import MODEL, MotoProcess, build_input, upload  # noqa: E402
 
 
 def count_entries(d: Path) -> int:
@@ -91,7 +91,7 @@ def s3_paused(pause_s: float) -> dict:
                     stalls.append((record.created, record.getMessage()))
 
         handler = Catch()
-        logging.getLogger("raydetect.job").addHandler(handler)
+        logging.getLogger("raydetect.job.run").addHandler(handler)
 
         def job():
             try:
@@ -113,7 +113,7 @@ def s3_paused(pause_s: float) -> dict:
         time.sleep(pause_s)
         os.kill(m.proc.pid, signal.SIGCONT)
         th.join(timeout=600)
-        logging.getLogger("raydetect.job").removeHandler(handler)
+        logging.getLogger("raydetect.job.run").removeHandler(handler)
         outcome = "recovered" if "summary" in out else "failed with one line"
         if "error" in out:
             run_job(cfg)

@@ -22,7 +22,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 DATA = Path(os.environ.get("RAYDETECT_TEST_DATA", REPO.parent / "shared" / "data"))
-from raydetect.serve_ingress import ingress_env  # noqa: E402
+from raydetect.serve.ingress import ingress_env  # noqa: E402
 
 VARIANTS = {
     "proxy": ingress_env("proxy", drain_s=1.0),

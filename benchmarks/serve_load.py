@@ -272,8 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray import serve
 
-    from raydetect.serve import app_builder
-    from raydetect.serve_ingress import use_ingress
+    from raydetect.serve.app import app_builder
+    from raydetect.serve.ingress import use_ingress
 
     started = time.monotonic()
     load_start = os.getloadavg()

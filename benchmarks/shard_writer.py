@@ -4,7 +4,7 @@
     → benchmarks/results/shard_writer.json
 
 The batch job streams result rows to the driver (``iter_batches``), which groups them by shard
-and writes each ``part-<id>.parquet`` once complete (:class:`raydetect.shards.ShardWriter`). This
+and writes each ``part-<id>.parquet`` once complete (:class:`raydetect.job.output.ShardWriter`). This
 feeds the writer realistic rows (5 boxes each) in shuffled batches of 256, as an actor pool
 returns them, and reports rows/s for a local disk and, with ``--s3``, a local moto S3 server —
 to compare with the detector's images/s (hundreds to a few thousand per GPU).
@@ -25,9 +25,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from raydetect import shards as sh  # noqa: E402
+from raydetect.job import output as sh  # noqa: E402
 from raydetect.storage import filesystem  # noqa: E402
-from raydetect.types import Detection, ImageResult, results_to_table  # noqa: E402
+from raydetect.types import Detection, ImageResult, ModelIdentity, results_to_table  # noqa: E402
 
 
 def batches(paths: list[str], prefix: str, batch: int, seed: int = 0):
@@ -36,7 +36,7 @@ def batches(paths: list[str], prefix: str, batch: int, seed: int = 0):
     dets = [Detection(10.0 * k, 20.0, 10.0 * k + 50, 90.0, 0.5 + k / 20, k, f"class{k}") for k in range(5)]
     for i in range(0, len(order), batch):
         res = [ImageResult(uri=prefix + p, width=1920, height=1080, detections=dets) for p in order[i : i + batch]]
-        yield results_to_table(res, model_sha256="0" * 64, engine="onnxruntime", precision="fp32")
+        yield results_to_table(res, ModelIdentity("0" * 64, engine="onnxruntime", precision="fp32"))
 
 
 def run(fs, out: str, rows: int, shard_size: int, prefix: str) -> dict:

@@ -100,7 +100,7 @@ class PartClock:
 
 
 def run_job_timed(cfg, out: Path, shard_size: int) -> dict:
-    from raydetect.job import run_job
+    from raydetect.job.run import run_job
 
     clock = PartClock(out)
     t0 = time.perf_counter()
@@ -200,8 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     from ray import serve
 
     from raydetect.config import DetectorConfig, JobConfig
-    from raydetect.serve import app_builder
-    from raydetect.serve_ingress import use_ingress
+    from raydetect.serve.app import app_builder
+    from raydetect.serve.ingress import use_ingress
 
     started = time.monotonic()
     work = Path(args.work or tempfile.mkdtemp(prefix="shared_pool_"))

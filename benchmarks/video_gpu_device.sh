@@ -19,6 +19,6 @@ export PYTHONPATH=/tmp/vsite:$PWD
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 python3 -c "import PyNvVideoCodec as n; p=n.PacketData(); print([a for a in dir(p) if not a.startswith('_')], list(getattr(n.cudaVideoCodec, '__members__', {}))[:12])" 2>&1 | tail -3
 python3 -c "import av, torch; from raydetect.video.nvdec import nvdec_availability as a; print(av.__version__, torch.__version__, a())" 2>&1 | tail -3
-timeout ${TESTS_S:-65} python3 -m pytest -q -s -rs tests/test_video.py -k "nvdec or colour or resolve" -p no:cacheprovider > "$OUT/gpu_tests.log" 2>&1
+timeout ${TESTS_S:-65} python3 -m pytest -q -s -rs tests/video/test_video.py -k "nvdec or colour or resolve" -p no:cacheprovider > "$OUT/gpu_tests.log" 2>&1
 grep -v "^$" "$OUT/gpu_tests.log" | tail -14
 timeout ${BENCH_S:-85} python3 benchmarks/video.py --gpu clips,decode,inproc --segment-s 20 --inproc-files 1 --sessions 1,8 --decode-frames 800 --inproc nvdec:h264:8,cpu:h264:16,nvdec:hevc:8 --work /tmp/vgw --out "$OUT/video_gpu" 2>&1 | grep -v Warning | grep -E "^(h264|hevc|inproc|clips|wrote|Traceback|[A-Za-z]*Error)" | tail -20

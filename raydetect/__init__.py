@@ -9,8 +9,8 @@ from raydetect.config import (
     TorchConfig,
     VideoConfig,
 )
-from raydetect.results import Results, read_results
-from raydetect.types import Detection, ImageResult
+from raydetect.job.results import Results, read_results
+from raydetect.types import Detection, ImageResult, ModelIdentity
 from raydetect.version import __version__
 
 
@@ -22,17 +22,17 @@ def __getattr__(name: str):
 
         return Detector
     if name == "run_job":
-        from raydetect.job import run_job
+        from raydetect.job.run import run_job
 
         return run_job
     if name == "app_builder":
-        from raydetect.serve import app_builder
+        from raydetect.serve.app import app_builder
 
         return app_builder
     raise AttributeError(f"module 'raydetect' has no attribute {name!r}")
 
 __all__ = [
-    "Detection", "Detector", "DetectorConfig", "ImageResult", "JobConfig", "Results", "ServeConfig",
+    "Detection", "Detector", "DetectorConfig", "ImageResult", "JobConfig", "ModelIdentity", "Results", "ServeConfig",
     "StorageConfig", "TensorRTConfig", "TorchConfig", "VideoConfig", "__version__", "app_builder",
     "read_results", "run_job",
 ]

@@ -14,9 +14,7 @@ The JSON is what ``raydetect plan --bench`` reads.
 
 from __future__ import annotations
 
-import argparse
 import datetime as _dt
-import json
 import os
 import platform
 import sys
@@ -28,7 +26,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from raydetect.config import DEFAULT_IMAGE_EXTENSIONS, BenchConfig, DetectorConfig, validate
+from raydetect.config import DEFAULT_IMAGE_EXTENSIONS, BenchConfig
 
 SCHEMA = "raydetect.bench/1"
 
@@ -143,7 +141,7 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] | None = None, *
     """Time the engine alone and end to end per batch size. ``progress(line)``: one result line
     per batch size; ``steps(done, total)``: after each timing (2 per batch size)."""
     from raydetect.detector import Detector
-    from raydetect.preprocess import decode_image, letterbox, to_tensor
+    from raydetect.stages.preprocess import decode_image, letterbox, to_tensor
 
     images, described = load_images(cfg.images)
     det_cfg = cfg.detector.model_copy(update={"batch_size": max(cfg.batch_sizes)})
@@ -217,54 +215,3 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] | None = None, *
 
 
 # --- CLI ------------------------------------------------------------------------------------
-
-
-def _parse_sizes(text: str) -> list[int]:
-    try:
-        return [int(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"batch sizes must be integers separated by commas (got {text!r})") from None
-
-
-def bench_config(args: argparse.Namespace) -> BenchConfig:
-    from raydetect.cli import detector_config
-
-    det: DetectorConfig = detector_config(args)
-    return validate(
-        BenchConfig,
-        {"detector": det, "images": args.images, "batch_sizes": tuple(args.batch_sizes),
-         "iterations": args.iterations, "min_seconds": args.min_seconds, "warmup": args.warmup},
-        "bench",
-    )
-
-
-def _cmd_bench(args: argparse.Namespace) -> int:
-    cfg = bench_config(args)
-    from raydetect.progress import Progress
-
-    # a live bar in a terminal (result lines printed above it), a line every 10 s in logs
-    with Progress("bench", total=2 * len(cfg.batch_sizes), unit="timings") as bar:
-        result = run_bench(cfg, progress=bar.write, steps=bar)
-    text = json.dumps(result, indent=2)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
-        print(f"raydetect bench: wrote {args.out}")
-    else:
-        print(text)
-    return 0
-
-
-def add_cli(sub) -> None:
-    from raydetect.cli import add_detector_args, add_storage_args
-
-    p = sub.add_parser("bench", help="engine and end-to-end images/s, latency and peak memory per batch size")
-    p.add_argument("--images", default=None, help="image file or folder (default: a synthetic image)")
-    p.add_argument("--batch-sizes", type=_parse_sizes, default=[1, 2, 4, 8], help="e.g. 1,2,4,8 (default)")
-    p.add_argument("--iterations", type=int, default=10, help="timed calls per batch size and stage (min)")
-    p.add_argument("--min-seconds", type=float, default=0.0, help="time each stage at least this long")
-    p.add_argument("--warmup", type=int, default=2, help="untimed calls first")
-    p.add_argument("--out", default=None, help="write the JSON here (default: print it)")
-    add_detector_args(p)
-    add_storage_args(p)
-    p.set_defaults(func=_cmd_bench)

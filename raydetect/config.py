@@ -6,7 +6,8 @@ equal to 1 (got 3.0)``.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import os
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -14,6 +15,14 @@ from raydetect.errors import RaydetectError
 
 EngineName = Literal["auto", "onnxruntime", "openvino", "torch", "tensorrt"]
 Precision = Literal["fp32", "fp16", "int8"]
+
+#: bounds of the per-request detection settings, shared by the configs and Serve's query parameters
+CONF_BOUNDS: dict[str, float] = {"ge": 0.0, "le": 1.0}
+IOU_BOUNDS: dict[str, float] = {"ge": 0.0, "le": 1.0}
+MAX_DET_BOUNDS: dict[str, int] = {"ge": 1, "le": 100_000}
+Confidence = Annotated[float, Field(**CONF_BOUNDS)]
+IoU = Annotated[float, Field(**IOU_BOUNDS)]
+MaxDet = Annotated[int, Field(**MAX_DET_BOUNDS)]
 
 DEFAULT_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -123,9 +132,9 @@ class DetectorConfig(_Strict):
     model: str = Field(min_length=1, description="Path or s3:// URL of a YOLO ONNX export")
     engine: EngineName = "auto"
     precision: Precision = "fp32"
-    conf: float = Field(0.25, ge=0.0, le=1.0, description="Minimum confidence")
-    iou: float = Field(0.7, ge=0.0, le=1.0, description="NMS IoU threshold")
-    max_det: int = Field(300, ge=1, le=100_000)
+    conf: Confidence = Field(0.25, description="Minimum confidence")
+    iou: IoU = Field(0.7, description="NMS IoU threshold")
+    max_det: MaxDet = Field(300, description="Max detections per image")
     batch_size: int = Field(16, ge=1, le=4096, description="Images per engine call")
     max_pixels: int = Field(40_000_000, ge=1, description="Larger images become error rows")
     max_bytes: int = Field(64 * 1024 * 1024, ge=1, description="Larger files become error rows")
@@ -211,7 +220,7 @@ class JobConfig(_Strict):
     rows_per_call: int | None = Field(
         None, ge=1, le=65_536, description="Rows per detector call; None = detector.batch_size"
     )
-    limit: int | None = Field(None, ge=1)
+    limit: int | None = Field(None, ge=1, description="Process at most N input files")
     extensions: tuple[str, ...] = DEFAULT_IMAGE_EXTENSIONS
     progress: bool = True
     video: VideoConfig = VideoConfig()
@@ -328,6 +337,34 @@ class ServeConfig(_Strict):
         description="How long a request waits for max_pixels_in_flight room; then 503 + Retry-After",
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _spellings(cls, data: Any) -> Any:
+        """The builder's and the CLI's spellings: detector fields given flat (``model=...``),
+        ``replicas`` as ``N`` or ``MIN:MAX``, ``batch_wait_ms`` for ``batch_wait_timeout_s``; a
+        relative local model path is resolved against the current directory (replicas run
+        elsewhere)."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        det = data.pop("detector", None)
+        detector = det.model_dump() if isinstance(det, DetectorConfig) else dict(det or {})
+        for name in DetectorConfig.model_fields:
+            if name in data:
+                detector[name] = data.pop(name)
+        if "replicas" in data:
+            data["min_replicas"], data["max_replicas"] = parse_replicas(data.pop("replicas"))
+        if "batch_wait_ms" in data:
+            try:
+                data["batch_wait_timeout_s"] = float(data.pop("batch_wait_ms")) / 1e3
+            except (TypeError, ValueError):
+                raise ValueError("batch_wait_ms: expected a number of milliseconds") from None
+        model = detector.get("model")
+        if isinstance(model, str) and model and "://" not in model and not os.path.isabs(model):
+            detector["model"] = os.path.abspath(model)
+        data["detector"] = detector
+        return data
+
     @model_validator(mode="after")
     def _check_limits(self) -> ServeConfig:
         if self.min_replicas > self.max_replicas:
@@ -367,8 +404,27 @@ def parse_replicas(value: str | int) -> tuple[int, int]:
         low = int(lo)
         high = int(hi) if sep else low
     except ValueError:
-        raise ConfigError(f"serve.replicas: expected N or MIN:MAX (got {text!r})") from None
+        raise ValueError(f"replicas: expected N or MIN:MAX (got {text!r})") from None
     return low, high
+
+
+class EvalConfig(_Strict):
+    """``raydetect eval``: mAP of a detector on a labelled set (YOLO txt or COCO json)."""
+
+    detector: DetectorConfig
+    data: str = Field(
+        min_length=1, description="YOLO dataset root, images folder or data.yaml; or a COCO .json (path or s3://)"
+    )
+    split: str = Field("test", min_length=1, description="split of a data.yaml / dataset root")
+    images: str | None = Field(None, description="image root for a COCO json (default: its folder)")
+    limit: int | None = Field(None, ge=1, description="evaluate N images drawn at random with seed (default: all)")
+    seed: int = Field(0, ge=0, description="seed of the limit sample")
+    eval_cache: str | None = Field(
+        None,
+        description="also keep the result in this directory, keyed by model sha256, images and settings, for "
+        "raydetect quantize to reuse (default $RAYDETECT_EVAL_CACHE or ~/.cache/raydetect/eval)",
+    )
+    write_cache: bool = Field(True, description="write the evaluation cache")
 
 
 class BenchConfig(_Strict):
@@ -404,10 +460,14 @@ def _format(err: ValidationError, prefix: str) -> str:
     parts = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"])
+        msg = e["msg"]
+        field, sep, rest = msg.removeprefix("Value error, ").partition(": ")
+        if not loc and sep and field.isidentifier():  # a model validator naming its field ("replicas: ...")
+            loc, msg = field, rest
         name = f"{prefix}.{loc}" if prefix and loc else (loc or prefix)
         got = e.get("input")
-        got_s = "" if isinstance(got, dict) else f" (got {got!r})"
-        parts.append(f"{name}: {e['msg']}{got_s}")
+        got_s = "" if isinstance(got, dict) or "(got " in msg else f" (got {got!r})"
+        parts.append(f"{name}: {msg}{got_s}")
     return "; ".join(parts)
 
 

@@ -2,7 +2,7 @@
 
 It is the callable class Ray Data's ``map_batches`` runs in an actor pool, and the
 model behind the Serve deployment. One detector holds one model card, one engine and the
-stages chosen for it (:mod:`raydetect.stages`): the preprocessor by the engine's input kind
+stages chosen for it (:mod:`raydetect.stages.base`): the preprocessor by the engine's input kind
 (torch tensors: decode and letterbox on the GPU, for the torch engine and TensorRT alike), the
 postprocessor by the engine's output (raw head: NumPy or batched torch NMS; rows: the engine's
 own NMS). ``detect`` is one loop over chunks of ``batch_size`` images that prepares chunk k+1
@@ -25,10 +25,10 @@ from raydetect.config import DetectorConfig, validate
 from raydetect.engines import create_engine
 from raydetect.engines.base import NMSOutput
 from raydetect.model_card import ModelCard, batch_check_error, batching_check_input
-from raydetect.postprocess import nms_outputs_close
-from raydetect.preprocess import Letterbox, unletterbox_boxes
-from raydetect.stages import CpuPreprocessor, PreparedBatch, Rows, choose_stages, make_postprocessor
-from raydetect.types import DetectionArray, ImageResult, results_to_table
+from raydetect.stages.base import CpuPreprocessor, PreparedBatch, Rows, choose_stages, make_postprocessor
+from raydetect.stages.postprocess import nms_outputs_close
+from raydetect.stages.preprocess import Letterbox, unletterbox_boxes
+from raydetect.types import DetectionArray, ImageResult, ModelIdentity, results_to_table
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ class Detector:
         eng = self.engine
         self.stages = choose_stages(eng.input_kind, eng.nms_in_engine)
         if self.stages.preprocess == "gpu":
-            from raydetect.gpu_preprocess import GpuPreprocessor
+            from raydetect.stages.gpu_preprocess import GpuPreprocessor
 
             self.preprocessor = GpuPreprocessor(
                 self.card.imgsz,
@@ -340,10 +340,11 @@ class Detector:
         results = self.detect(list(batch["bytes"]), paths)
         return self.to_table(results)
 
+    @property
+    def identity(self) -> ModelIdentity:
+        """The model and engine behind this detector's rows and responses."""
+        return ModelIdentity(sha256=self.card.sha256, url=self.card.url, engine=self.engine.name,
+                             precision=self.engine.precision)
+
     def to_table(self, results: list[ImageResult]) -> pa.Table:
-        return results_to_table(
-            results,
-            model_sha256=self.card.sha256,
-            engine=self.engine.name,
-            precision=self.engine.precision,
-        )
+        return results_to_table(results, self.identity)

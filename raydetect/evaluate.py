@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from raydetect.config import DEFAULT_IMAGE_EXTENSIONS, DetectorConfig, StorageConfig
+from raydetect.config import DEFAULT_IMAGE_EXTENSIONS, DetectorConfig, EvalConfig, StorageConfig
 from raydetect.errors import RaydetectError
 from raydetect.storage import filesystem, is_remote_fs, to_uri
 from raydetect.types import ImageResult
@@ -716,70 +716,16 @@ def write_report(report: EvalReport | dict, path: str, storage: StorageConfig | 
         f.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-# --- CLI --------------------------------------------------------------------------------------
-
-
-def add_cli(sub) -> None:
-    from raydetect.cli import add_detector_args, add_storage_args
-
-    p = sub.add_parser(
-        "eval",
-        help="mAP@0.5 and mAP@0.5:0.95 of a model on a labelled set (YOLO txt or COCO json)",
-        description="Evaluate a YOLO ONNX model on a labelled set with pycocotools. " + CONVENTIONS,
-    )
-    p.add_argument("--data", required=True,
-                   help="YOLO dataset root, images folder or data.yaml; or a COCO .json (path or s3://)")
-    p.add_argument("--split", default="test", help="split of a data.yaml / dataset root (default test)")
-    p.add_argument("--images", default=None, help="image root for a COCO json (default: its folder)")
-    p.add_argument("--limit", type=int, default=None,
-                   help="evaluate N images drawn at random with --seed (default: all)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the --limit sample (default 0)")
-    p.add_argument("--report", default=None, help="write the JSON report here (per-class AP included)")
-    p.add_argument("--eval-cache", default=None, metavar="DIR",
-                   help=f"also keep the result here, keyed by model sha256, images and settings, for "
-                        f"raydetect quantize to reuse (default ${EVAL_CACHE_ENV} or ~/.cache/raydetect/eval)")
-    p.add_argument("--no-eval-cache", action="store_true", help="do not write the evaluation cache")
-    # Ultralytics' val settings, as defaults that --help shows
-    add_detector_args(p, defaults={"conf": VAL_CONF, "iou": VAL_IOU, "max_det": VAL_MAX_DET})
-    add_storage_args(p)
-    p.set_defaults(func=_cli)
-
-
-def _cli(args) -> int:
-    import sys
-
-    from raydetect.cli import detector_config, storage_config
-
-    if args.limit is not None and args.limit < 1:
-        from raydetect.config import ConfigError
-
-        raise ConfigError(f"--limit must be >= 1 (got {args.limit})")
-    storage = storage_config(args)
-    cfg = detector_config(args)  # validates every detector option, naming the field
-    try:
-        return _run_cli(args, cfg, storage)
-    except DatasetError as e:
-        print(f"raydetect eval: error: {e}", file=sys.stderr)
-        return 2
-
-
-def _run_cli(args, cfg, storage) -> int:
-    dataset = load_dataset(args.data, args.split, storage, images=args.images)
-
-    from raydetect.progress import Progress
-
-    # a live bar in a terminal, a line every 10 s in logs
-    with Progress("eval", unit="images") as progress:
-        # the whole DetectorConfig: --max-pixels, --max-bytes and --trt-cache take effect too
-        report = evaluate_config(cfg, dataset, limit=args.limit, seed=args.seed, progress=progress)
-    print(report.table())
-    print(report.line())
-    if not args.no_eval_cache and not report.errors:
+def run_eval(cfg: EvalConfig, progress=None) -> EvalReport:
+    """Evaluate ``cfg.detector`` (the whole config: max_pixels, max_bytes, the engine caches take
+    effect) on ``cfg.data``; keep the result in the evaluation cache unless ``write_cache`` is off
+    or an image failed."""
+    det = cfg.detector
+    dataset = load_dataset(cfg.data, cfg.split, det.storage, images=cfg.images)
+    report = evaluate_config(det, dataset, limit=cfg.limit, seed=cfg.seed, progress=progress)
+    if cfg.write_cache and not report.errors:
         key, fields = eval_key(report.model_sha256, dataset, engine=report.engine, precision=report.precision,
-                               conf=cfg.conf, iou=cfg.iou, max_det=cfg.max_det, limit=args.limit,
-                               seed=args.seed, max_pixels=cfg.max_pixels, storage=storage)
-        log.debug("evaluation cached: %s", store_eval(args.eval_cache or default_eval_cache(), key, fields, report))
-    if args.report:
-        write_report(report, args.report, storage)
-        print(f"report: {args.report}")
-    return 0
+                               conf=det.conf, iou=det.iou, max_det=det.max_det, limit=cfg.limit, seed=cfg.seed,
+                               max_pixels=det.max_pixels, storage=det.storage)
+        log.debug("evaluation cached: %s", store_eval(cfg.eval_cache or default_eval_cache(), key, fields, report))
+    return report

@@ -10,13 +10,11 @@ pure and kept here so it can be checked by hand; ``raydetect plan`` prints every
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from raydetect.config import ConfigError, PlanConfig, validate
+from raydetect.config import PlanConfig
 from raydetect.errors import RaydetectError
 
 STAGES = ("end_to_end", "engine")
@@ -137,49 +135,3 @@ def make_plan(cfg: PlanConfig, bench: dict[str, Any] | None = None, stage: str =
         batch_size=point.batch_size, p99_ms=point.p99_ms, latency_ms=cfg.latency_ms,
         source=f"measured {stage.replace('_', '-')} on {device}",
     )
-
-
-# --- CLI ------------------------------------------------------------------------------------
-
-
-def _cmd_plan(args: argparse.Namespace) -> int:
-    cfg = validate(
-        PlanConfig,
-        {"streams": args.streams, "fps": args.fps, "headroom": args.headroom, "latency_ms": args.latency_ms,
-         "per_gpu_fps": args.per_gpu_fps},
-        "plan",
-    )
-    bench = None
-    if args.bench:
-        with open(args.bench) as f:
-            try:
-                bench = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"plan.bench: {args.bench} is not JSON ({e})") from None
-    try:
-        plan = make_plan(cfg, bench, args.stage)
-    except PlanError as e:
-        raise ConfigError(f"plan: {e}") from None
-    if args.json:
-        print(json.dumps(plan.as_dict(), indent=2))
-    else:
-        print("\n".join(plan.lines()))
-        if bench is not None and not str(bench.get("device", "")).startswith("cuda"):
-            print(f"note: the bench ran on {bench.get('device')!r}, not a GPU: the count is of such devices")
-    return 0
-
-
-def add_cli(sub) -> None:
-    p = sub.add_parser("plan", help="GPUs needed for N streams at F fps, from measured throughput")
-    p.add_argument("--streams", type=int, required=True, help="concurrent streams")
-    p.add_argument("--fps", type=float, required=True, help="frames per second analysed per stream")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--bench", help="JSON written by 'raydetect bench' on the target GPU")
-    src.add_argument("--per-gpu-fps", type=float, default=None, help="measured frames/s of one GPU")
-    p.add_argument("--latency-ms", type=float, default=None,
-                   help="max p99 latency of one batch: picks the largest batch size within it")
-    p.add_argument("--headroom", type=float, default=1.5, help="capacity multiplier (default 1.5)")
-    p.add_argument("--stage", choices=STAGES, default="end_to_end",
-                   help="which measured throughput to use (default end_to_end: decode+infer+NMS)")
-    p.add_argument("--json", action="store_true", help="print the plan as JSON")
-    p.set_defaults(func=_cmd_plan)

@@ -5,7 +5,7 @@ QDQ ONNX model (INT8 weights per channel, INT8 activations per tensor): ONNX Run
 the CPU and TensorRT can build its INT8 engine from it. Steps:
 
 1. pick calibration images deterministically (``seed``) and run them through the production
-   decode + letterbox (:mod:`raydetect.preprocess`); unreadable ones are counted and skipped;
+   decode + letterbox (:mod:`raydetect.stages.preprocess`); unreadable ones are counted and skipped;
 2. collect per-tensor ranges with ONNX Runtime's calibrators (``entropy``, ``percentile`` or
    ``minmax``) in small chunks (bounded memory) and save them as a JSON calibration table,
    byte-identical for the same inputs and seed;
@@ -25,7 +25,6 @@ import json
 import logging
 import os
 import posixpath
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -39,7 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from raydetect.config import DEFAULT_IMAGE_EXTENSIONS, ConfigError, DetectorConfig, StorageConfig, validate
 from raydetect.errors import RaydetectError
 from raydetect.model_card import ModelCard
-from raydetect.preprocess import ImageError, decode_image, letterbox, to_tensor
+from raydetect.stages.preprocess import ImageError, decode_image, letterbox, to_tensor
 from raydetect.storage import filesystem, is_remote_fs, list_files, to_uri
 
 log = logging.getLogger(__name__)
@@ -825,116 +824,3 @@ def _provenance(cfg: QuantizeConfig, method: str, exclusions: list[str], table: 
             sort_keys=True,
         )
     }
-
-
-# --- CLI ------------------------------------------------------------------------------------------------
-
-
-def add_cli(sub) -> None:
-    from raydetect.cli import add_storage_args
-
-    p = sub.add_parser(
-        "quantize",
-        help="INT8 post-training quantization (QDQ ONNX) with calibration and an mAP gate",
-        description="Calibrate on representative images (production letterbox), write an INT8 QDQ "
-        "ONNX model and its calibration table; with --eval-data, fail when mAP@0.5 drops too much.",
-    )
-    p.add_argument("--model", required=True, help="FP32 YOLO ONNX export (path or s3:// URL)")
-    p.add_argument("--calib", required=True, help="folder or s3:// prefix of calibration images")
-    p.add_argument("--out", required=True, help="INT8 model to write (e.g. model_int8.onnx)")
-    p.add_argument("--images", type=int, default=300, help="calibration images (default 300)")
-    p.add_argument("--method", default="entropy", help="entropy | percentile | minmax (default entropy)")
-    p.add_argument("--exclude", nargs="+", default=[], metavar="NODE", help="more node names to keep in float")
-    p.add_argument("--no-float-tail", action="store_true",
-                   help="quantize the head's final convs and the DFL/decode too (not recommended)")
-    p.add_argument("--activations", default="uint8",
-                   help="uint8 (asymmetric; fast on ONNX Runtime CPU; default) | int8 (symmetric; the QDQ "
-                        "form TensorRT builds INT8 engines from)")
-    p.add_argument("--per-tensor-weights", action="store_true", help="per-tensor instead of per-channel weights")
-    p.add_argument("--no-reduce-range", action="store_true",
-                   help="8-bit weights (default 7-bit: u8s8 saturates on x86 CPUs without VNNI)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the calibration image choice (default 0)")
-    p.add_argument("--allow-fewer", action="store_true",
-                   help="proceed with a warning when fewer usable images than --images are found")
-    p.add_argument("--calib-batch", type=int, default=4, help="images per calibration run (default 4)")
-    p.add_argument("--table", default=None, help="calibration table path (default <out>.calib.json)")
-    p.add_argument("--eval-data", default=None, help="held-out labelled set (YOLO dir/yaml or COCO json)")
-    p.add_argument("--eval-split", default="test", help="split of --eval-data (default test)")
-    p.add_argument("--eval-limit", type=int, default=None, help="evaluate N images of --eval-data (seeded)")
-    p.add_argument("--max-map-drop", type=float, default=1.0, help="max mAP@0.5 drop in points (default 1.0)")
-    p.add_argument("--try-methods", action="store_true", help="try every method, keep the best passing one")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for evaluation")
-    p.add_argument("--eval-cache", default=None, metavar="DIR",
-                   help="cached evaluations (default $RAYDETECT_EVAL_CACHE or ~/.cache/raydetect/eval): an FP32 "
-                        "evaluation of the same model sha256, images and settings there (from raydetect eval or "
-                        "an earlier quantize) is reused instead of evaluating FP32 again")
-    p.add_argument("--no-reuse-fp32", action="store_true",
-                   help="evaluate FP32 again even when the cache has it")
-    p.add_argument("--report", default=None, help="write the JSON report here")
-    add_storage_args(p)
-    p.set_defaults(func=_cli)
-
-
-def _cli(args) -> int:
-    from raydetect.cli import storage_config
-
-    cfg = validate(
-        QuantizeConfig,
-        {
-            "model": args.model,
-            "calib": args.calib,
-            "out": args.out,
-            "images": args.images,
-            "method": args.method,
-            "exclude": tuple(args.exclude),
-            "float_tail": not args.no_float_tail,
-            "per_channel": not args.per_tensor_weights,
-            "activations": args.activations,
-            "reduce_range": not args.no_reduce_range,
-            "seed": args.seed,
-            "allow_fewer": args.allow_fewer,
-            "calib_batch": args.calib_batch,
-            "table": args.table,
-            "eval_data": args.eval_data,
-            "eval_split": args.eval_split,
-            "eval_limit": args.eval_limit,
-            "max_map_drop": args.max_map_drop,
-            "try_methods": args.try_methods,
-            "eval_cache": args.eval_cache,
-            "reuse_fp32": not args.no_reuse_fp32,
-            "threads": args.threads,
-            "storage": storage_config(args),
-        },
-        "quantize",
-    )
-    from raydetect.evaluate import DatasetError
-
-    try:
-        report = quantize(cfg, progress=True)
-    except (CalibrationError, DatasetError) as e:
-        print(f"raydetect quantize: error: {e}", file=sys.stderr)
-        return 2
-    print(f"kept in float ({len(report.exclusions)} nodes, rule: "
-          f"{'float-tail' if report.exclusion_rule else 'none'}): {', '.join(report.exclusions)}")
-    print(f"calibration: {report.calibration['used']} images from {cfg.calib} (seed {cfg.seed}), "
-          f"{len(report.calibration['unreadable'])} unreadable skipped")
-    if report.fp32_reused:
-        print(f"FP32 evaluation: reused {report.fp32_reused} (same model, images and settings)")
-    for a in report.attempts:
-        if a.passed is None:
-            print(f"method {a.method}: quantized (no --eval-data, no gate)")
-        else:
-            print(f"method {a.method}: INT8 mAP@0.5 {a.int8_map50:.4f} (FP32 {report.fp32['map50']:.4f}), "
-                  f"drop {a.drop_points:.2f} points -> {'pass' if a.passed else 'FAIL'}")
-    if args.report:
-        from raydetect.evaluate import write_report
-
-        write_report(report.as_dict(), args.report, cfg.storage)
-        print(f"report: {args.report}")
-    if report.passed is False:
-        print(f"raydetect quantize: mAP@0.5 dropped {report.drop_points:.2f} points > --max-map-drop "
-              f"{cfg.max_map_drop}; no model written", file=sys.stderr)
-        return 1
-    print(f"INT8 model: {report.out} ({report.int8_bytes / 1e6:.2f} MB, FP32 {report.fp32_bytes / 1e6:.2f} MB, "
-          f"method {report.method}); calibration table: {report.table}")
-    return 0

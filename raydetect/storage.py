@@ -7,6 +7,7 @@ import logging
 import os
 import re
 import stat
+import uuid
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -58,6 +59,77 @@ def uri_prefix(fs: fsspec.AbstractFileSystem) -> str:
     if not uri.endswith(probe):  # to_uri is not scheme + path on this filesystem
         raise ValueError(f"{type(fs).__name__}: URIs are not a prefix + the path ({uri!r} for {probe!r})")
     return uri[: len(uri) - len(probe)]
+
+
+#: suffix of the hidden temporaries :func:`write_bytes_atomic` writes next to a local file
+TMP_SUFFIX = ".tmp"
+
+
+def write_bytes_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that ``path`` is either absent or complete."""
+    if is_remote_fs(fs):
+        fs.pipe_file(path, data)  # one PUT (or a multipart upload, visible only once completed)
+        return
+    directory, name = path.rsplit("/", 1)
+    os.makedirs(directory, exist_ok=True)
+    tmp = f"{directory}/.{name}.{uuid.uuid4().hex}{TMP_SUFFIX}"  # hidden: readers skip it
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)  # atomic on one filesystem
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+@dataclass(frozen=True)
+class Location:
+    """One place in storage: a filesystem, a path on it, and the URL a user writes for it
+    (``s3://b/k``, ``gs://b/k``, or a local path). Reads, atomic writes and joins go through it, and
+    the paths under it become URIs with :meth:`uri_of` (the one path → URI rule, :func:`to_uri`)."""
+
+    fs: fsspec.AbstractFileSystem
+    path: str
+
+    @classmethod
+    def of(cls, url: str, storage: StorageConfig | None = None) -> Location:
+        return cls(*filesystem(url, storage))
+
+    @property
+    def url(self) -> str:
+        return to_uri(self.fs, self.path)
+
+    @property
+    def uri_prefix(self) -> str:
+        """What :meth:`uri_of` puts in front of a path of this filesystem."""
+        return uri_prefix(self.fs)
+
+    @property
+    def remote(self) -> bool:
+        return is_remote_fs(self.fs)
+
+    def uri_of(self, path: str) -> str:
+        return to_uri(self.fs, path)
+
+    def join(self, *names: str) -> Location:
+        return Location(self.fs, "/".join([self.path.rstrip("/"), *names]))
+
+    def exists(self) -> bool:
+        return self.fs.exists(self.path)
+
+    def read_bytes(self) -> bytes:
+        with self.fs.open(self.path, "rb") as f:
+            return f.read()
+
+    def write_atomic(self, data: bytes) -> None:
+        """Write so that the file is either absent or complete (see :func:`write_bytes_atomic`)."""
+        write_bytes_atomic(self.fs, self.path, data)
+
+    def __str__(self) -> str:
+        return self.url
 
 
 def is_remote_fs(fs: fsspec.AbstractFileSystem) -> bool:

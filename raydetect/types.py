@@ -14,7 +14,7 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow as pa
 
-#: Raw head layouts raydetect decodes (see :mod:`raydetect.postprocess`).
+#: Raw head layouts raydetect decodes (see :mod:`raydetect.stages.postprocess`).
 HeadLayout = Literal["yolov8", "yolov5"]
 
 #: Why an image got no detections, set where the error is caught: ``input`` (bytes that are not
@@ -36,7 +36,7 @@ class NMSOutput:
     * ``classes`` ``[B, K]`` int64 class ids.
 
     Rows past ``num[i]`` are padding. The detector maps rows to detections with
-    :func:`raydetect.postprocess.nms_output_rows` (no NMS of its own).
+    :func:`raydetect.stages.postprocess.nms_output_rows` (no NMS of its own).
     """
 
     num: np.ndarray
@@ -166,6 +166,26 @@ class ImageResult:
         }
 
 
+@dataclass(frozen=True)
+class ModelIdentity:
+    """Which model made a row, a response or a video summary: the ONNX export's sha256 and
+    where it was read from, and the engine and precision that ran it. Rows carry
+    ``model_sha256``/``engine``/``precision`` (:meth:`columns`), Serve's ``/v1/model`` and the
+    archive path the whole record, the job's manifest the sha256."""
+
+    sha256: str
+    url: str = ""
+    engine: str | None = None
+    precision: str = "fp32"
+
+    def columns(self) -> dict[str, str | None]:
+        """The identity columns of result rows (:data:`RESULT_SCHEMA`, video schemas)."""
+        return {"model_sha256": self.sha256, "engine": self.engine, "precision": self.precision}
+
+    def as_dict(self) -> dict[str, str | None]:
+        return {"sha256": self.sha256, "url": self.url, "engine": self.engine, "precision": self.precision}
+
+
 DETECTION_STRUCT = pa.struct(
     [
         ("x1", pa.float32()),
@@ -219,9 +239,7 @@ def detections_column(dets: list[list[Detection] | DetectionArray | None]) -> pa
     return pa.ListArray.from_arrays(pa.array(offsets), values, mask=mask).cast(pa.list_(DETECTION_STRUCT))
 
 
-def results_to_table(
-    results: list[ImageResult], *, model_sha256: str, engine: str, precision: str
-) -> pa.Table:
+def results_to_table(results: list[ImageResult], model: ModelIdentity) -> pa.Table:
     """Build the Parquet/Arrow table for ``results`` with :data:`RESULT_SCHEMA`."""
     n = len(results)
     return pa.Table.from_pydict(
@@ -231,9 +249,7 @@ def results_to_table(
             "height": [r.height for r in results],
             "detections": detections_column([r.detections for r in results]),
             "error": [r.error for r in results],
-            "model_sha256": [model_sha256] * n,
-            "engine": [engine] * n,
-            "precision": [precision] * n,
+            **{name: [value] * n for name, value in model.columns().items()},
         },
         schema=RESULT_SCHEMA,
     )
@@ -341,9 +357,7 @@ VIDEO_SUMMARY_SCHEMA = pa.schema(
 )
 
 
-def frame_results_to_table(
-    rows: list[FrameResult], *, model_sha256: str, engine: str, precision: str
-) -> pa.Table:
+def frame_results_to_table(rows: list[FrameResult], model: ModelIdentity) -> pa.Table:
     """Build the Arrow table for ``rows`` with :data:`VIDEO_RESULT_SCHEMA`."""
     n = len(rows)
     return pa.Table.from_pydict(
@@ -362,9 +376,7 @@ def frame_results_to_table(
                 [None if (r.skipped or r.frame is None) else r.result.detections for r in rows]
             ),
             "error": [r.result.error for r in rows],
-            "model_sha256": [model_sha256] * n,
-            "engine": [engine] * n,
-            "precision": [precision] * n,
+            **{name: [value] * n for name, value in model.columns().items()},
         },
         schema=VIDEO_RESULT_SCHEMA,
     )

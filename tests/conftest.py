@@ -50,7 +50,7 @@ def ray_local():
 
     import ray
 
-    from raydetect.serve_ingress import block_size, isolation_env, reserve_ports, use_ingress
+    from raydetect.serve.ingress import block_size, isolation_env, reserve_ports, use_ingress
 
     if not ray.is_initialized():
         use_ingress("haproxy", drain_s=1.0)

@@ -7,7 +7,7 @@ import io
 import cv2
 import numpy as np
 
-from raydetect.preprocess import decode_image, letterbox, to_tensor
+from raydetect.stages.preprocess import decode_image, letterbox, to_tensor
 from tests.conftest import photo_paths
 
 BIG = 10**9
@@ -70,7 +70,7 @@ def huge_jpeg() -> bytes:
 
 def expected_error(img: object, max_pixels: int, max_bytes: int) -> str | None:
     """What the CPU path's Detector writes into the error column for ``img``."""
-    from raydetect.preprocess import ImageError, as_bgr
+    from raydetect.stages.preprocess import ImageError, as_bgr
 
     try:
         if isinstance(img, np.ndarray) and img.ndim in (2, 3):

@@ -1,5 +1,5 @@
 """An independent reference decode + NMS, written plainly (loops, no shared code with
-raydetect.postprocess), used to check the production path."""
+raydetect.stages.postprocess), used to check the production path."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Real `raydetect serve` processes and real (slow, hostile) HTTP clients on 127.0.0.1, shared
-by tests/test_serve_isolation.py and benchmarks/serve_reliability.py."""
+by tests/serve/test_serve_isolation.py and benchmarks/serve_reliability.py."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from pathlib import Path
 
 import httpx
 
-from raydetect.local_cluster import session_pids
 from tests.conftest import MODELS, REPO, free_port
+from tests.local_cluster import session_pids
 
 MODEL = str(MODELS / "yolov8n-defects.onnx")
 

@@ -9,7 +9,7 @@
   ``ServeDeploySchema`` and its ``args`` with raydetect's ``ServeConfig``, the entrypoint with
   raydetect's own CLI parser;
 * ``jobs/runtime_env.yaml`` with Ray's ``RuntimeEnv``;
-* ``deploy/grafana-dashboard.json``: every metric it charts is one raydetect.metrics defines.
+* ``deploy/grafana-dashboard.json``: every metric it charts is one raydetect.job.metrics defines.
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def test_cluster_yaml_passes_ray_validation():
     assert 0 < cfg["idle_timeout_minutes"] <= 60
     assert any("pip install" in c and "raydetect" in c for c in cfg["setup_commands"])
     assert any("RAY_AUTH_MODE=token" in c for c in cfg["head_start_ray_commands"])
-    from raydetect.serve_ingress import INGRESS_ENV
+    from raydetect.serve.ingress import INGRESS_ENV
 
     for key in ("head_start_ray_commands", "worker_start_ray_commands"):
         start = next(c for c in cfg[key] if "ray start" in c)
@@ -144,6 +144,7 @@ def test_kuberay_rayjob():
     from ray.runtime_env import RuntimeEnv
 
     from raydetect.cli import build_parser
+    from raydetect.cli.detect import job_config
 
     doc = load("deploy/rayjob.yaml")
     assert doc["apiVersion"] == "ray.io/v1" and doc["kind"] == "RayJob" and doc["metadata"]["name"]
@@ -156,7 +157,8 @@ def test_kuberay_rayjob():
     argv = shlex.split(spec["entrypoint"])
     assert argv[:2] == ["raydetect", "detect"]
     args = build_parser().parse_args(argv[1:])  # the entrypoint parses with raydetect's CLI
-    assert args.num_gpus == 1 and args.concurrency > args.min_actors
+    job = job_config(args)
+    assert job.num_gpus == 1 and job.concurrency > job.min_actors
 
 
 def test_kuberay_rayservice():
@@ -171,13 +173,13 @@ def test_kuberay_rayservice():
     assert app.import_path == "raydetect.serve:app_builder"
     check_ray_cluster_spec(spec["rayClusterConfig"], "RayService.spec.rayClusterConfig")
     try:
-        from raydetect.serve import serve_config_from_args
+        from raydetect.serve.app import serve_config_from_args
     except ImportError as e:  # the Serve app is another module's; its absence is reported, not hidden
-        pytest.fail(f"raydetect.serve is not importable: {e}")
+        pytest.fail(f"raydetect.serve.app is not importable: {e}")
     cfg = serve_config_from_args(app.args)
     assert cfg.num_gpus == 0.25 and cfg.max_replicas > cfg.min_replicas
     # every Ray container starts Ray with Serve's HAProxy ingress, as raydetect serve does
-    from raydetect.serve_ingress import INGRESS_ENV
+    from raydetect.serve.ingress import INGRESS_ENV
 
     cluster = spec["rayClusterConfig"]
     templates = [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
@@ -210,12 +212,12 @@ def test_runtime_env_example_is_valid():
 
 
 def test_grafana_dashboard_charts_raydetect_metrics():
-    import raydetect.metrics as m
+    import raydetect.job.metrics as m
 
     dash = json.loads((REPO / "deploy" / "grafana-dashboard.json").read_text())
     assert dash["title"] and dash["uid"] and dash["panels"]
     defined = set()
-    for module in ("metrics.py", "serve_metrics.py"):  # the job's and the Serve replicas' metrics
+    for module in ("job/metrics.py", "serve/metrics.py"):  # the job's and the Serve replicas' metrics
         defined |= set(re.findall(r'"(raydetect_[a-z_]+)"', (REPO / "raydetect" / module).read_text()))
     assert {"raydetect_job_images", "raydetect_job_batch_latency_s", "raydetect_job_gpu_memory_bytes"} <= defined
     used = set()

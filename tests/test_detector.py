@@ -6,7 +6,7 @@ import onnxruntime as ort
 import pytest
 
 from raydetect.detector import Detector
-from raydetect.preprocess import letterbox, to_tensor
+from raydetect.stages.preprocess import letterbox, to_tensor
 from tests.conftest import DEFECTS, MODELS, photo_paths
 from tests.reference import as_tuples, assert_same_detections, reference_detections
 

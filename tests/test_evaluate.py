@@ -295,7 +295,7 @@ def test_cli_eval_help_shows_val_defaults_and_parses_them():
     assert "NMS IoU threshold (default 0.7)" in text
     assert "max detections per image (default 300)" in text
     args = parser.parse_args(["eval", "--model", "m.onnx", "--data", "d"])
-    assert (args.conf, args.iou, args.max_det) == (0.001, 0.7, 300)
+    assert tuple(getattr(args, f"detector.{n}") for n in ("conf", "iou", "max_det")) == (0.001, 0.7, 300)
     detect_text = " ".join(sub["detect"].format_help().split())
     assert "Minimum confidence (default 0.25)" in detect_text
-    assert parser.parse_args(["detect", "--model", "m", "--input", "i", "--output", "o"]).conf == 0.25
+    assert getattr(parser.parse_args(["detect", "--model", "m", "--input", "i", "--output", "o"]), "detector.conf") == 0.25

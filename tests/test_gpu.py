@@ -28,12 +28,12 @@ from raydetect.config import DetectorConfig, JobConfig  # noqa: E402
 from raydetect.detector import Detector  # noqa: E402
 from raydetect.engines import resolve_engine_name  # noqa: E402
 from raydetect.engines.torch import TorchEngine  # noqa: E402
-from raydetect.gpu_postprocess import batched_postprocess  # noqa: E402
-from raydetect.gpu_preprocess import GpuPreprocessor, letterbox_tensors  # noqa: E402
-from raydetect.job import run_job  # noqa: E402
+from raydetect.job.run import run_job  # noqa: E402
 from raydetect.model_card import ModelCard  # noqa: E402
-from raydetect.postprocess import postprocess  # noqa: E402
-from raydetect.preprocess import decode_image, letterbox, to_tensor  # noqa: E402
+from raydetect.stages.gpu_postprocess import batched_postprocess  # noqa: E402
+from raydetect.stages.gpu_preprocess import GpuPreprocessor, letterbox_tensors  # noqa: E402
+from raydetect.stages.postprocess import postprocess  # noqa: E402
+from raydetect.stages.preprocess import decode_image, letterbox, to_tensor  # noqa: E402
 from tests.conftest import DEFECTS, MODELS, photo_paths  # noqa: E402
 from tests.gpu_helpers import (  # noqa: E402
     BIG,
@@ -336,7 +336,7 @@ def test_compiled_detector_detections_vs_cpu_path(compile_cache):
 
 
 def test_nvimgcodec_decode_vs_cpu_decode():
-    from raydetect.gpu_preprocess import nvimgcodec_status
+    from raydetect.stages.gpu_preprocess import nvimgcodec_status
 
     why = nvimgcodec_status()
     if why is not None:

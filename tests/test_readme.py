@@ -233,7 +233,7 @@ def _wait_healthy(port: int, proc: subprocess.Popen, log: Path, timeout_s: float
 
 
 def _stop_server(proc: subprocess.Popen, log: Path) -> int:
-    from raydetect.local_cluster import stop_session
+    from tests.local_cluster import stop_session
 
     if proc.poll() is None:
         # SIGTERM to the command the block runs (bash's child), as a service manager would; bash

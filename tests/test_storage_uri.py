@@ -16,7 +16,7 @@ from fsspec.implementations.local import LocalFileSystem
 from fsspec.registry import _registry
 
 from raydetect.config import DetectorConfig, JobConfig, StorageConfig
-from raydetect.job import run_job
+from raydetect.job.run import run_job
 from raydetect.storage import filesystem, is_remote_fs, to_uri, uri_prefix
 from tests.conftest import MODELS, photo_paths
 
@@ -75,3 +75,21 @@ def test_gs_job_rows_carry_the_gs_scheme_and_resume(ray_local, gs_protocol, tmp_
     # the resume ledger strips the same prefix: a re-run finds every input done
     again = run_job(cfg)
     assert again.processed == 0 and again.shards_skipped == again.shards
+
+
+def test_location_reads_writes_and_joins_with_its_own_scheme(gs_protocol, tmp_path):
+    from raydetect.storage import Location
+
+    root = Location.of(f"gs://{tmp_path}")
+    assert root.remote and root.url == f"gs://{tmp_path}" and root.uri_prefix == "gs://"
+    part = root.join("out", "part-1.bin")
+    assert part.url == f"gs://{tmp_path}/out/part-1.bin" and not part.exists()
+    (tmp_path / "out").mkdir()
+    part.write_atomic(b"abc")
+    assert part.exists() and part.read_bytes() == b"abc" and str(part) == part.url
+    local = Location.of(str(tmp_path / "loc"))
+    assert not local.remote and local.url == str(tmp_path / "loc") and local.uri_prefix == ""
+    target = local.join("x", "y.bin")
+    target.write_atomic(b"xyz")  # creates the folders; no temporary left beside it
+    assert target.read_bytes() == b"xyz" and sorted(p.name for p in (tmp_path / "loc" / "x").iterdir()) == ["y.bin"]
+    assert local.uri_of(target.path) == str(tmp_path / "loc" / "x" / "y.bin")

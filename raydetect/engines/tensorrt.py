@@ -1,5 +1,5 @@
 """TensorRT engine: the model's network with NMS appended, built once per GPU type and cached
-(:mod:`raydetect.engines.tensorrt_build`, :mod:`raydetect.engines.tensorrt_cache`), run with
+(:mod:`raydetect.tensorrt.build`, :mod:`raydetect.engine_cache`), run with
 ``execute_async_v3`` on PyTorch CUDA tensors.
 
 * Inputs are PyTorch CUDA tensors (or NumPy arrays, copied to the GPU); they are copied into
@@ -16,7 +16,7 @@
   runs ``execute_async_v3`` directly at the exact batch size.
 
 TensorRT could not be installed where this was written; its GPU tests
-(``tests/test_tensorrt_gpu.py``) have not been run.
+(``tests/engines/test_tensorrt_gpu.py``) have not been run.
 """
 
 from __future__ import annotations
@@ -28,14 +28,15 @@ import numpy as np
 
 from raydetect.config import DetectorConfig
 from raydetect.engines.base import Engine, EngineUnavailableError, NMSOutput
-from raydetect.engines.tensorrt_outputs import (
+from raydetect.model_card import ModelCard
+from raydetect.tensorrt.outputs import (
     batch_buckets,
     decode_efficient_nms,
     drop_padding,
     pack_selected,
     padded_batch_size,
 )
-from raydetect.engines.tensorrt_plan import (
+from raydetect.tensorrt.rules import (
     CONF_INPUT,
     IOU_INPUT,
     NMS_OUTPUTS,
@@ -43,7 +44,6 @@ from raydetect.engines.tensorrt_plan import (
     nms_request_problem,
     probe_availability,
 )
-from raydetect.model_card import ModelCard
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ class TensorRTEngine(Engine):
         import tensorrt as trt
         import torch
 
-        from raydetect.engines.tensorrt_build import prepare_engine, trt_logger
+        from raydetect.tensorrt.build import prepare_engine, trt_logger
 
         self._trt, self._torch = trt, torch
         self._logger = trt_logger()

@@ -31,8 +31,8 @@ from typing import Any
 import numpy as np
 
 from raydetect.config import DetectorConfig
+from raydetect.engine_cache import EngineCache, EngineKey, _slug
 from raydetect.engines.base import Engine, EngineUnavailableError
-from raydetect.engines.tensorrt_cache import EngineCache, EngineKey, _slug
 from raydetect.model_card import ModelCard, batch_check_error, batching_check_input
 
 log = logging.getLogger(__name__)
@@ -138,7 +138,7 @@ class TorchEngine(Engine):
             raise EngineUnavailableError(f"engine 'torch' cannot run here: {why}")
         import torch
 
-        from raydetect.engines.onnx_to_torch import convert
+        from raydetect.onnx.to_torch import convert
 
         if config.precision == "int8":
             raise EngineUnavailableError(

@@ -36,15 +36,15 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from raydetect import shards as sh
 from raydetect.config import DetectorConfig, JobConfig, StorageConfig, VideoConfig
-from raydetect.storage import filesystem, to_uri
+from raydetect.job import output as sh
+from raydetect.storage import filesystem, to_uri, write_bytes_atomic
 from raydetect.types import VIDEO_SUMMARY_SCHEMA, frame_results_to_table
 from raydetect.video.detect import SegmentTask, detect_segments, plan_video
 
 log = logging.getLogger(__name__)
 
-#: under OUTPUT; ``_``-prefixed so that pyarrow.dataset skips them (raydetect/results.py reads
+#: under OUTPUT; ``_``-prefixed so that pyarrow.dataset skips them (raydetect/job/results.py reads
 #: these and the names before 2026-12, ``videos``/``video_summary``)
 FRAMES_DIR = "_videos"
 SUMMARY_DIR = "_video_summary"
@@ -126,7 +126,7 @@ class VideoSegmentDetector:
         self.frames_dir = f"{out_path.rstrip('/')}/{FRAMES_DIR}"
         self.out_fs.makedirs(self.frames_dir, exist_ok=True)
         self.decoder, self.decoder_reason = resolve_decoder(video.decoder, num_gpus)
-        from raydetect.metrics import JobMetrics
+        from raydetect.job.metrics import JobMetrics
 
         self.metrics = JobMetrics(output)  # frames / detections / errors counters of the job
 
@@ -158,15 +158,11 @@ class VideoSegmentDetector:
 
     def _write(self, task: SegmentTask, outcome) -> dict[str, Any]:
         name = frames_file_name(task.uri, task.segment.index)
-        ident = {
-            "model_sha256": self.detector.card.sha256,
-            "engine": self.detector.engine.name,
-            "precision": self.detector.engine.precision,
-        }
-        stats = {**outcome.stats, "file": name, **ident, "resumed": False}
-        table = frame_results_to_table(outcome.rows, **ident)
+        model = self.detector.identity
+        stats = {**outcome.stats, "file": name, **model.columns(), "resumed": False}
+        table = frame_results_to_table(outcome.rows, model)
         table = table.replace_schema_metadata({SEGMENT_META_KEY: json.dumps(stats)})
-        sh.write_bytes_atomic(self.out_fs, f"{self.frames_dir}/{name}", sh.table_to_parquet_bytes(table))
+        write_bytes_atomic(self.out_fs, f"{self.frames_dir}/{name}", sh.table_to_parquet_bytes(table))
         self.metrics.record(table)
         return stats
 
@@ -304,7 +300,7 @@ def run_video_job(cfg: JobConfig, in_fs, paths: list[str]) -> VideoJobSummary:
     out_fs, out_path = filesystem(out, cfg.detector.storage)
     summary_dir = f"{out_path}/{SUMMARY_DIR}"
     out_fs.makedirs(summary_dir, exist_ok=True)
-    sh.write_bytes_atomic(out_fs, f"{summary_dir}/summary.parquet", sh.table_to_parquet_bytes(table))
+    write_bytes_atomic(out_fs, f"{summary_dir}/summary.parquet", sh.table_to_parquet_bytes(table))
     col = table.to_pydict()
     return VideoJobSummary(
         videos=table.num_rows,

@@ -1,0 +1,168 @@
+"""The batch job through a running Serve application (``raydetect detect --via-serve APP``).
+
+Instead of starting detector actors, the job's Ray Data pipeline sends its batches of encoded
+images to the application's replicas through the deployment handle
+(``serve.get_app_handle(APP).options(method_name="detect_archive")``). The replicas run them
+between online requests (see ``DetectorServer.detect_archive``): online first, archive images
+fill the rest of each engine batch. Everything else of the job — listing, shards, exactly-once
+part files, resume, manifest, report — is unchanged (:mod:`raydetect.job.run`).
+
+Faults: a call that fails because its replica died (or is busy, or the deployment is briefly
+unavailable) is sent again, to whichever replica the router picks; the shard writer drops a
+row that arrives twice, so a dead replica costs a retry, never a lost or repeated row.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import pyarrow as pa
+
+from raydetect.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+ARCHIVE_METHOD = "detect_archive"
+#: What ``DetectorServer.detect_archive`` answers when the replica holds ``archive_max_batches``
+#: already: nothing was queued, the caller sends the batch again (to this or another replica).
+ARCHIVE_BUSY = "busy"
+INFO_METHOD = "archive_info"
+#: How long a call keeps retrying a dead/unavailable replica before the job task fails.
+RETRY_WINDOW_S = 120.0
+
+
+class ServeAppError(ConfigError):
+    """The Serve application named by ``--via-serve`` is missing, unhealthy or not raydetect's."""
+
+
+def _retryable() -> tuple[type[BaseException], ...]:
+    from ray import exceptions as rex
+    from ray.serve import exceptions as sex
+
+    return (
+        rex.RayActorError,  # includes ActorDiedError: the replica died mid-call
+        rex.ActorUnavailableError,
+        sex.BackPressureError,
+        sex.DeploymentUnavailableError,
+    ) + ((sex.ReplicaUnavailableError,) if hasattr(sex, "ReplicaUnavailableError") else ())
+
+
+def app_handle(app: str):
+    """A handle to ``app`` usable from synchronous code (driver, Ray Data actors). With Serve's
+    throughput-optimized mode (the HAProxy ingress) handles default to routing on the caller's
+    asyncio loop, which plain threads lack; this one runs its router in a loop of its own."""
+    from ray import serve
+
+    handle = serve.get_app_handle(app)
+    if not handle.is_initialized:
+        handle._init(_run_router_in_separate_loop=True)
+    return handle
+
+
+def connect(app: str, timeout_s: float = 60.0) -> tuple[Any, dict[str, Any]]:
+    """The handle of the running raydetect application ``app`` and what its replicas report
+    (``archive_info``: model sha256, engine, limits). Raises :class:`ServeAppError` with the
+    reason when the app is missing or not healthy."""
+    from ray import serve
+
+    try:
+        apps = serve.status().applications
+    except Exception as e:  # Serve not started on this cluster
+        raise ServeAppError(f"--via-serve {app}: no Ray Serve instance on this cluster ({e})") from None
+    if app not in apps:
+        names = ", ".join(sorted(apps)) or "none"
+        raise ServeAppError(f"--via-serve {app}: no such Serve application (running: {names})")
+    status = str(getattr(apps[app].status, "value", apps[app].status))
+    if status != "RUNNING":
+        msg = getattr(apps[app], "message", "") or ""
+        raise ServeAppError(f"--via-serve {app}: application is {status}, not RUNNING {msg}".rstrip())
+    handle = app_handle(app)
+    try:
+        info = handle.options(method_name=INFO_METHOD).remote().result(timeout_s=timeout_s)
+    except AttributeError:
+        raise ServeAppError(f"--via-serve {app}: not a raydetect application (no {INFO_METHOD})") from None
+    except Exception as e:
+        raise ServeAppError(f"--via-serve {app}: replicas did not answer {INFO_METHOD}: {e}") from e
+    return handle, info
+
+
+class ServeCaller:
+    """The job's ``map_batches`` callable with ``--via-serve``: each Ray Data batch is cut into
+    sub-batches of the replicas' ``max_batch_size``, all sent at once (several archive batches
+    in flight per caller), and their rows concatenated. Busy answers and dead replicas are
+    retried with backoff for up to :data:`RETRY_WINDOW_S`."""
+
+    def __init__(self, app: str, model_sha256: str, sub_batch: int, conf: float, iou: float,
+                 max_det: int, uri_prefix: str = "", job: str = "raydetect") -> None:
+        from raydetect.job.metrics import JobMetrics
+
+        self.app = app
+        self.model_sha256 = model_sha256
+        self.sub_batch = max(1, int(sub_batch))
+        self.params = {"conf": conf, "iou": iou, "max_det": max_det}
+        self.uri_prefix = uri_prefix
+        self.metrics = JobMetrics(job)
+        self.retries = 0
+        self._handle = None
+
+    def handle(self):
+        if self._handle is None:
+            self._handle = app_handle(self.app).options(method_name=ARCHIVE_METHOD)
+        return self._handle
+
+    def __call__(self, batch: dict[str, Any]) -> pa.Table:
+        t0 = time.perf_counter()
+        images = [bytes(b) for b in batch["bytes"]]
+        uris = [self.uri_prefix + str(p) for p in batch["path"]]
+        chunks = [(images[s : s + self.sub_batch], uris[s : s + self.sub_batch])
+                  for s in range(0, len(images), self.sub_batch)]
+        tables: list[pa.Table | None] = [None] * len(chunks)
+        pending = {i: self.handle().remote(imgs, us, **self.params) for i, (imgs, us) in enumerate(chunks)}
+        first_failure: dict[int, float] = {}
+        delay = 0.01
+        retryable = _retryable()
+        while pending:
+            again = []
+            for i, resp in list(pending.items()):
+                try:
+                    out = resp.result()
+                except retryable as e:
+                    started = first_failure.setdefault(i, time.monotonic())
+                    if time.monotonic() - started > RETRY_WINDOW_S:
+                        raise RuntimeError(
+                            f"--via-serve {self.app}: no replica ran a batch within {RETRY_WINDOW_S:.0f} s "
+                            f"(last error: {type(e).__name__}: {e})"
+                        ) from e
+                    log.warning("--via-serve %s: %s; sending the batch again", self.app, type(e).__name__)
+                    self.retries += 1
+                    again.append(i)
+                    continue
+                if isinstance(out, str) and out == ARCHIVE_BUSY:
+                    again.append(i)
+                    continue
+                self._check_model(out)
+                tables[i] = out
+                del pending[i]
+            if again:
+                time.sleep(delay)
+                delay = min(delay * 2, 0.5)
+                for i in again:
+                    imgs, us = chunks[i]
+                    pending[i] = self.handle().remote(imgs, us, **self.params)
+            else:
+                delay = 0.01
+        table = pa.concat_tables([t for t in tables if t is not None])
+        self.metrics.record(table, time.perf_counter() - t0)
+        return table
+
+    def _check_model(self, table: pa.Table) -> None:
+        if table.num_rows == 0:
+            return
+        shas = set(table.column("model_sha256").to_pylist())
+        if shas != {self.model_sha256}:
+            raise ServeAppError(
+                f"--via-serve {self.app}: a replica answered with model sha256 {sorted(shas)}, but the "
+                f"job runs {self.model_sha256} (the application was updated mid-job?)"
+            )
