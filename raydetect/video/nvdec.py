@@ -235,8 +235,10 @@ def _codec_enum(nvc, name: str):
 
 class NvdecPacketDecoder:
     """A NVDEC session for one PyAV stream: ``decode(packet)`` → the :class:`NvdecFrame` s that
-    the packet completes (display order, PTS = the PTS of the picture's own packet); a packet of
-    size 0 (PyAV's flush packet at the end of the demux) drains the decoder.
+    the packet completes (display order, PTS = the PTS of the picture's own packet; pictures of
+    packets flagged *discard* by the demuxer, i.e. outside the edit list, are dropped as FFmpeg
+    drops them); a packet of size 0 (PyAV's flush packet at the end of the demux) drains the
+    decoder.
 
     Raises :class:`NvdecUnsupported` for a codec or pixel format NVDEC does not take here."""
 
@@ -264,6 +266,7 @@ class NvdecPacketDecoder:
         self.decoder = nvc.CreateDecoder(gpuid=self.gpu_id, codec=_codec_enum(nvc, NVDEC_CODECS[codec]),
                                          usedevicememory=True)
         self.frames = 0
+        self._discard: set[int] = set()
 
     def _feed(self, data: np.ndarray | None, pts: int | None) -> list:
         pkt = self._nvc.PacketData()
@@ -281,6 +284,10 @@ class NvdecPacketDecoder:
     def decode(self, packet) -> list[NvdecFrame]:
         import torch
 
+        if packet.size and packet.is_discard and packet.pts is not None:
+            # outside the container's edit list: decoded (other pictures may refer to it) but not
+            # shown, as FFmpeg's decoder drops it (the traffic clip's last packet is one)
+            self._discard.add(int(packet.pts))
         if packet.size == 0:
             if self.bsf is not None:
                 pending = self.bsf.filter(None)
@@ -294,8 +301,11 @@ class NvdecPacketDecoder:
             out = self._feed(np.frombuffer(packet, np.uint8), packet.pts)
         frames = []
         for f in out:
-            nv12 = self._nv12(f)
-            frames.append(NvdecFrame(nv12, int(f.getPTS()), self.width, self.height, self.matrix))
+            pts = int(f.getPTS())
+            if pts in self._discard:
+                self._discard.remove(pts)
+                continue
+            frames.append(NvdecFrame(self._nv12(f), pts, self.width, self.height, self.matrix))
         if frames:
             # the decoder reuses its output surfaces: our copies must be done before the next call
             torch.cuda.current_stream(self.device).synchronize()

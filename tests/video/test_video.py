@@ -469,6 +469,32 @@ def test_device_colour_conversion_and_thumbnail_match_pyav():
             assert np.array_equal(thumb, grey_thumbnail(f.to_ndarray(format="gray"), 64)), size
 
 
+def test_annexb_packets_carry_the_pts_of_pyav_frames(tmp_path):
+    """What the NVDEC path relies on: after the Annex B filter, each packet's PTS is the PTS
+    PyAV's decoder gives its picture, so NVDEC (which hands every displayed picture the PTS of
+    its packet) reproduces PyAV's frame PTS, B-frames included (packets are in decode order) —
+    except packets the demuxer flags discard (outside the edit list: the traffic clip's last
+    packet), whose pictures PyAV does not output either."""
+    from av.bitstream import BitStreamFilterContext
+
+    from raydetect.video.nvdec import ANNEXB_FILTERS
+
+    clips = [make_video(tmp_path / "b.mp4", n=40, fps=10, bframes=2)]
+    if CLIP.exists():
+        clips.append(CLIP)
+    for path in clips:
+        with av.open(str(path)) as c:
+            s = c.streams.video[0]
+            bsf = BitStreamFilterContext(ANNEXB_FILTERS[s.codec_context.name], s)
+            pts, discard = [], set()
+            for pkt in c.demux(s):
+                if pkt.size and pkt.is_discard:
+                    discard.add(pkt.pts)  # outside the edit list: NvdecPacketDecoder drops its picture
+                pts += [p.pts for p in (bsf.filter(pkt) if pkt.size else bsf.filter(None))]
+        assert pts != sorted(pts)  # reordered: B-frames
+        assert sorted(p for p in pts if p not in discard) == sequential_pts(path)
+
+
 def test_resolve_decoder_says_why():
     from raydetect.video.pipeline import resolve_decoder
 
