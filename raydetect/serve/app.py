@@ -516,7 +516,7 @@ def deployment_options(cfg: ServeConfig) -> dict[str, Any]:
             "target_ongoing_requests": cfg.target_ongoing_requests,
             # online and archive load as the replicas report them (record_autoscaling_stats)
             "policy": {
-                "policy_function": "raydetect.serve_autoscale:SharedPoolPolicy",
+                "policy_function": "raydetect.serve.autoscale:SharedPoolPolicy",
                 "policy_kwargs": {"target": cfg.target_ongoing_requests, "archive_max_replicas": archive_cap},
             },
         }

@@ -10,7 +10,7 @@ gives every displayed picture the PTS of its own packet, so each frame has exact
 
 Frames stay in GPU memory: :class:`NvdecFrame` holds the NV12 picture (a torch CUDA tensor) and
 converts on the device to RGB ``[3, h, w]`` uint8 (what the detector's GPU stage takes, see
-:meth:`raydetect.gpu_preprocess.GpuPreprocessor.decode`) and to the motion gate's grey thumbnail
+:meth:`raydetect.stages.gpu_preprocess.GpuPreprocessor.decode`) and to the motion gate's grey thumbnail
 (:func:`grey_thumbnail_gpu`: only the 64-px thumbnail is copied to the host). The colour
 conversion is BT.601 limited range (BT.709 when the stream says so) with nearest chroma, as
 swscale's default YUV→RGB path that the CPU decoder uses (measured on the traffic clip: mean
