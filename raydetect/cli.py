@@ -23,6 +23,8 @@ SUBCOMMANDS: list[tuple[str, str]] = [
     ("serve", "raydetect.serve_cli"),
     ("eval", "raydetect.evaluate"),
     ("quantize", "raydetect.quantize"),
+    ("compress", "raydetect.compress"),
+    ("nncf-quantize", "raydetect.ov_quantize"),
     ("bench", "raydetect.bench"),
     ("plan", "raydetect.plan"),
 ]
