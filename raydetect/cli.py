@@ -53,7 +53,7 @@ def add_storage_args(p: argparse.ArgumentParser) -> None:
 #: is ``--kebab-name``; default and help come from the field).
 DETECTOR_FLAGS: dict[str, dict[str, Any]] = {
     "model": {"help": "YOLO ONNX export (path or s3:// URL)"},
-    "engine": {"help": "runtime; auto: the first that can run here (tensorrt > torch > onnxruntime)"},
+    "engine": {"help": "runtime; auto: the first that can run here (tensorrt > torch > onnxruntime; openvino only when named)"},
     "precision": {"help": "engine precision (int8: a QDQ model from raydetect quantize)"},
     "conf": {},
     "iou": {},
