@@ -8,6 +8,11 @@ through the production decode + letterbox (:func:`raydetect.quantize.select_cali
 and must come from training or validation images, never the test split. The head's float tail
 (:func:`raydetect.quantize.float_tail_nodes`: the last conv of each head branch, the DFL and the
 box decode) stays in float, as in ``raydetect quantize``.
+
+Known problem (issue 18, OpenVINO 2026.4.1, NNCF 3.4.0): ONNX Runtime runs the model this writes
+accurately, but OpenVINO computes wrong scores from it (mAP@0.5 23.8 instead of 56.8 on the defect
+test split); it matches ONNX Runtime once the activation Q/DQ pairs on the SiLU outputs are removed.
+Check a model with ``raydetect eval --engine openvino`` before deploying it there.
 """
 
 from __future__ import annotations
