@@ -36,6 +36,7 @@ if str(REPO) not in sys.path:
 
 DATA = Path(os.environ.get("RAYDETECT_TEST_DATA", REPO.parent / "shared" / "data"))
 RESULTS = REPO / "benchmarks" / "results"
+CPU_ENGINES = ("onnxruntime", "openvino")
 
 
 # --- worker process -----------------------------------------------------------------------------
@@ -151,14 +152,17 @@ def parse_rows(specs: list[str], fp32: str, int8: str | None) -> list[dict]:
     rows = []
     for s in specs:
         parts = s.split(":")
-        if len(parts) not in (2, 3):
-            raise SystemExit(f"--rows: expected engine:precision[:model], got {s!r}")
+        if len(parts) not in (2, 3, 4):
+            raise SystemExit(f"--rows: expected engine:precision[:model[:label]], got {s!r}")
         engine, prec = parts[0], parts[1]
-        model = parts[2] if len(parts) == 3 else (int8 if prec == "int8" else fp32)
+        model = parts[2] if len(parts) >= 3 and parts[2] else (int8 if prec == "int8" else fp32)
         if model is None:
             raise SystemExit(f"--rows {s}: an int8 row needs --int8 MODEL (or engine:int8:MODEL)")
-        rows.append({"engine": engine, "precision": prec, "model": model,
-                     "device": "cpu" if engine == "onnxruntime" else "cuda"})
+        row = {"engine": engine, "precision": prec, "model": model,
+               "device": "cpu" if engine in CPU_ENGINES else "cuda"}
+        if len(parts) == 4:
+            row["label"] = parts[3]
+        rows.append(row)
     return rows
 
 
@@ -176,6 +180,18 @@ def ensure_int8(fp32: str, out: Path, calib: str, images: int) -> str:
 # --- measuring ------------------------------------------------------------------------------------
 
 
+def _gflops(model: str) -> float | None:
+    from raydetect.model_card import ModelCard
+    from raydetect.model_stats import onnx_gflops
+
+    try:
+        card = ModelCard.load(model)
+        return onnx_gflops(card.onnx_bytes, card.imgsz)
+    except Exception as e:  # an engine-only format: the row still runs
+        print(f"{model}: GFLOPs not counted ({e})", file=sys.stderr)
+        return None
+
+
 class Row:
     def __init__(self, spec: dict, images: list[str]) -> None:
         self.spec = spec
@@ -186,7 +202,8 @@ class Row:
         self.info: dict = {}
         self.error: str | None = None
         self.result: dict = {"engine": spec["engine"], "precision": spec["precision"], "model": spec["model"],
-                             "model_mb": os.path.getsize(spec["model"]) / 1e6}
+                             "model_mb": os.path.getsize(spec["model"]) / 1e6, "label": spec.get("label", ""),
+                             "gflops": _gflops(spec["model"])}
 
     @property
     def label(self) -> str:
@@ -259,17 +276,19 @@ def fmt(v, nd=1, pct=False):
     return f"{v * 100:.1f}" if pct else f"{v:.{nd}f}"
 
 
-def markdown(results: list[dict], checks: list[dict], meta: dict) -> str:
-    head = ("| engine | precision | device | model MB | latency b1 ms | latency b8 ms | images/s b8 | "
+def markdown(results: list[dict], checks: list[dict], meta: dict, summary: dict | None = None) -> str:
+    head = ("| model | engine | precision | device | model MB | GFLOPs | latency b1 ms | latency b8 ms | images/s b8 | "
             "engine images/s b8 | CPU ms/image b8 | peak RSS MB | peak CUDA MB | mAP@0.5 | mAP@0.5:0.95 |")
-    lines = [head, "|" + "---|" * 13]
+    lines = [head, "|" + "---|" * 15]
     for r in results:
         if r.get("error"):
-            lines.append(f"| {r['engine']} | {r['precision']} | – | {fmt(r.get('model_mb'), 2)} | "
+            lines.append(f"| {r.get('label') or '–'} | {r['engine']} | {r['precision']} | – | "
+                         f"{fmt(r.get('model_mb'), 2)} | {fmt(r.get('gflops'), 2)} | "
                          f"failed: {r['error'][:80]} |" + " |" * 8)
             continue
         lines.append(
-            f"| {r['engine']} | {r['precision']} | {r.get('device') or '–'} | {fmt(r['model_mb'], 2)} | "
+            f"| {r.get('label') or '–'} | {r['engine']} | {r['precision']} | {r.get('device') or '–'} | "
+            f"{fmt(r['model_mb'], 2)} | {fmt(r.get('gflops'), 2)} | "
             f"{fmt(r.get('latency_b1_ms'))} | {fmt(r.get('latency_b8_ms'))} | {fmt(r.get('images_per_s_b8'))} | "
             f"{fmt(r.get('engine_images_per_s_b8'))} | {fmt(_ms(r.get('cpu_s_per_image_b8')))} | "
             f"{fmt(r.get('peak_rss_mb'), 0)} | "
@@ -290,11 +309,81 @@ def markdown(results: list[dict], checks: list[dict], meta: dict) -> str:
         for c in checks:
             out.append(f"| {c['name']} | {c['measured']:.3f} | {c['target']} | {'pass' if c['passed'] else 'FAIL'} |")
         out.append("")
+    if summary:
+        out += ["Summary (speed-ups: median over the interleaved rounds of row / ORT FP32 in the same round):", "",
+                "```json", json.dumps(summary, indent=1, sort_keys=True), "```", ""]
     return "\n".join(out)
 
 
+def _round_ratio(r: dict, base: dict, key: str) -> float:
+    """Median over the interleaved rounds of (row / baseline) in the same round."""
+    a, b = r.get(f"rounds_{key}"), base.get(f"rounds_{key}")
+    if a and b and len(a) == len(b):
+        return statistics.median(x / y for x, y in zip(a, b, strict=True))
+    return r[key] / base[key]
+
+
+def summary_for(results: list[dict], max_drop: float) -> dict:
+    """Compressed CPU rows against the ONNX Runtime FP32 baseline (the first such row): speed-ups
+    are medians of per-round ratios (the rows are timed interleaved); the best INT8 row is the
+    fastest whose mAP@0.5 drop is within ``max_drop`` points (the fastest at all when none is)."""
+    ok = [r for r in results if not r.get("error")]
+    base = next((r for r in ok if r["engine"] == "onnxruntime" and r["precision"] == "fp32"), None)
+    if base is None:
+        return {}
+    for r in ok:
+        if r.get("device") == "cpu" and "images_per_s_b8" in r:
+            r["speedup_e2e_vs_ort_fp32"] = _round_ratio(r, base, "images_per_s_b8")
+            r["speedup_engine_vs_ort_fp32"] = _round_ratio(r, base, "engine_images_per_s_b8")
+            if r.get("map50") is not None and base.get("map50") is not None:
+                r["map50_drop_points"] = 100 * (base["map50"] - r["map50"])
+    out: dict = {"baseline": f"{base.get('label') or 'baseline'} onnxruntime fp32",
+                 "baseline_images_per_s_b8": base["images_per_s_b8"], "max_map50_drop_points": max_drop}
+    ov = next((r for r in ok if r["engine"] == "openvino" and r["precision"] == "fp32" and r["model"] == base["model"]),
+              None)
+    if ov:
+        out["openvino_fp32_speedup_e2e"] = ov["speedup_e2e_vs_ort_fp32"]
+        out["openvino_fp32_speedup_engine"] = ov["speedup_engine_vs_ort_fp32"]
+    int8 = [r for r in ok if r["precision"] == "int8" and "speedup_e2e_vs_ort_fp32" in r]
+    if int8:
+        within = [r for r in int8 if r.get("map50_drop_points") is not None and r["map50_drop_points"] <= max_drop]
+        best = max(within or int8, key=lambda r: r["speedup_e2e_vs_ort_fp32"])
+        out.update(best_cpu_int8_row=f"{best.get('label') or '–'} {best['engine']} {best['precision']}",
+                   best_cpu_int8_speedup_e2e=best["speedup_e2e_vs_ort_fp32"],
+                   best_cpu_int8_speedup_engine=best["speedup_engine_vs_ort_fp32"],
+                   best_cpu_int8_map50_drop=best.get("map50_drop_points"),
+                   best_cpu_int8_within_max_drop=bool(within))
+    pruned = [r for r in ok if "pruned" in (r.get("label") or "") and r.get("gflops")]
+    if pruned and base.get("gflops"):
+        out["pruned_gflops"] = min(r["gflops"] for r in pruned)
+        out["baseline_gflops"] = base["gflops"]
+        out["pruned_flops_ratio"] = out["pruned_gflops"] / base["gflops"]
+    return out
+
+
+def acceptance_checks(summary: dict) -> list[dict]:
+    """Issue 18's targets for the compressed models."""
+    out = []
+    if "best_cpu_int8_speedup_e2e" in summary:
+        out.append({"name": f"best compressed CPU INT8 ({summary['best_cpu_int8_row']}) images/s b8 end-to-end "
+                            "vs ORT FP32", "measured": summary["best_cpu_int8_speedup_e2e"], "target": ">= 2.5"})
+        if summary.get("best_cpu_int8_map50_drop") is not None:
+            out.append({"name": "its mAP@0.5 drop vs ORT FP32 (points)",
+                        "measured": summary["best_cpu_int8_map50_drop"], "target": "<= 1.5"})
+    if "pruned_flops_ratio" in summary:
+        out.append({"name": "pruned FLOPs reduction (1 - pruned/baseline GFLOPs)",
+                    "measured": 1 - summary["pruned_flops_ratio"], "target": ">= 0.3"})
+    for c in out:
+        t = float(c["target"].split()[-1])
+        c["passed"] = c["measured"] >= t if c["target"].startswith(">=") else c["measured"] <= t
+    return out
+
+
 def checks_for(results: list[dict], max_drop: float) -> list[dict]:
-    by = {(r["engine"], r["precision"]): r for r in results if not r.get("error")}
+    by: dict = {}
+    for r in results:  # the first row of each kind: the baseline model's
+        if not r.get("error"):
+            by.setdefault((r["engine"], r["precision"]), r)
     fp32, int8 = by.get(("onnxruntime", "fp32")), by.get(("onnxruntime", "int8"))
     if not (fp32 and int8):
         return []
@@ -358,6 +447,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (median)")
     p.add_argument("--reps", type=int, default=3, help="timed calls per round and measurement")
     p.add_argument("--max-map-drop", type=float, default=1.0)
+    p.add_argument("--max-compressed-drop", type=float, default=1.5,
+                   help="mAP@0.5 points a compressed row may lose to count as the best (summary)")
     p.add_argument("--out", default=str(RESULTS / "precision_table"), help="output path without suffix")
     args = p.parse_args(argv)
 
@@ -389,6 +480,8 @@ def main(argv: list[str] | None = None) -> int:
             res["error"] = r.error
         results.append(res)
     checks = checks_for(results, args.max_map_drop)
+    summary = summary_for(results, args.max_compressed_drop)
+    checks += acceptance_checks(summary)
     meta = {
         "command": "python " + " ".join([os.path.relpath(__file__, REPO), *(argv if argv is not None else sys.argv[1:])]),
         "machine": machine(),
@@ -398,10 +491,10 @@ def main(argv: list[str] | None = None) -> int:
         "rounds": args.rounds,
         "reps": args.reps,
     }
-    md = markdown(results, checks, meta)
+    md = markdown(results, checks, meta, summary)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": results, "checks": checks},
+    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": results, "checks": checks, "summary": summary},
                                                    indent=2, sort_keys=True) + "\n")
     out.with_suffix(".md").write_text(md)
     print(md)

@@ -20,6 +20,8 @@ SUBCOMMANDS: list[tuple[str, str]] = [
     ("serve", "raydetect.cli.serve"),
     ("eval", "raydetect.cli.eval"),
     ("quantize", "raydetect.cli.quantize"),
+    ("compress", "raydetect.cli.compress"),
+    ("nncf-quantize", "raydetect.cli.nncf_quantize"),
     ("bench", "raydetect.cli.bench"),
     ("plan", "raydetect.cli.plan"),
 ]

@@ -150,7 +150,7 @@ def config_from_args(model: type[BaseModel], args: argparse.Namespace, prefix: s
 #: DetectorConfig fields of the "model and engine" option group → add_argument overrides
 DETECTOR_FLAGS: dict[str, dict[str, Any]] = {
     "model": {"help": "YOLO ONNX export (path or s3:// URL)"},
-    "engine": {"help": "runtime; auto: the first that can run here (tensorrt > torch > onnxruntime)"},
+    "engine": {"help": "runtime; auto: the first that can run here (tensorrt > torch > onnxruntime; openvino only when named)"},
     "precision": {"help": "engine precision (int8: a QDQ model from raydetect quantize)"},
     "conf": {},
     "iou": {},

@@ -15,6 +15,13 @@ ENGINES: dict[str, str] = {
     "onnxruntime": "raydetect.engines.onnxruntime:OnnxRuntimeEngine",
     "openvino": "raydetect.engines.openvino:OpenVINOEngine",
 }
+#: ``auto`` keeps ONNX Runtime on the CPU, also with openvino installed (issue 18 measured it here:
+#: 2-core Xeon with AVX-512 VNNI, benchmarks/results/precision_table.md, interleaved rounds,
+#: medians): OpenVINO FP32 is faster at batch 8 (1.20x images/s end to end, 1.17x inference alone)
+#: but slower at batch 1 (97.5 vs 62.6 ms: its throughput mode splits the cores into streams, one
+#: image uses one), and ``auto`` also serves single-image requests. Ask for ``--engine openvino``
+#: for batch work (INT8 QDQ models on it: 1.7x ORT FP32 end to end for the unpruned ORT-PTQ model, 2.7x
+#: for the pruned + QAT one, see the table).
 AUTO_ORDER = ("tensorrt", "torch", "onnxruntime")
 
 __all__ = ["ENGINES", "Engine", "EngineUnavailableError", "create_engine", "engine_class", "resolve_engine_name"]

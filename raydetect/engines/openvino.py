@@ -29,6 +29,14 @@ class OpenVINOEngine(Engine):
             return f"openvino is not installed ({e}); pip install 'raydetect[openvino]'"
         return None
 
+    @classmethod
+    def availability_for(cls, config: DetectorConfig) -> str | None:
+        if config.device not in (None, "cpu"):
+            return f"the openvino engine runs on the CPU (device {config.device!r} was asked for)"
+        if config.precision == "fp16":
+            return "precision 'fp16' is not supported by the openvino CPU engine"
+        return cls.availability()
+
     def __init__(self, card: ModelCard, config: DetectorConfig) -> None:
         super().__init__(card, config)
         import openvino as ov

@@ -15,9 +15,11 @@ from pydantic import BaseModel
 
 from raydetect.cli import bench as cli_bench
 from raydetect.cli import build as cli_build
+from raydetect.cli import compress as cli_compress
 from raydetect.cli import build_parser
 from raydetect.cli import detect as cli_detect
 from raydetect.cli import eval as cli_eval
+from raydetect.cli import nncf_quantize as cli_nncf_quantize
 from raydetect.cli import plan as cli_plan
 from raydetect.cli import quantize as cli_quantize
 from raydetect.cli import serve as cli_serve
@@ -30,6 +32,8 @@ COMMANDS = {
     "serve": (cli_serve.serve_config, ["--model", "/m.onnx"]),
     "eval": (cli_eval.eval_config, ["--model", "/m.onnx", "--data", "data"]),
     "quantize": (cli_quantize.quantize_config, ["--model", "/m.onnx", "--calib", "calib", "--out", "o.onnx"]),
+    "compress": (cli_compress.compress_config, ["--checkpoint", "m.pt", "--data", "d.yaml", "--out", "o"]),
+    "nncf-quantize": (cli_nncf_quantize.nncf_quantize_config, ["--model", "/m.onnx", "--calib", "c", "--out", "o.onnx"]),
     "bench": (cli_bench.bench_config, ["--model", "/m.onnx"]),
     "plan": (cli_plan.plan_config, ["--streams", "4", "--fps", "5", "--per-gpu-fps", "100"]),
 }
@@ -43,6 +47,7 @@ EXPLICIT: dict[str, tuple[list[str], object]] = {
     "via_serve": (["app2"], "app2"),
     "name": (["app2"], "app2"),
     "exclude": (["/a/Conv", "/b/Conv"], ("/a/Conv", "/b/Conv")),
+    "ignore": (["model.9", "model.22"], ("model.9", "model.22")),
     "extensions": ([".abc,.def"], (".abc", ".def")),
     "compile_batches": (["1,4"], (1, 4)),
     "batch_sizes": (["1,4"], (1, 4)),
