@@ -187,7 +187,7 @@ def _speed(cfg: CompressConfig, path: str, engine: str, batch: int = 8, repeats:
     from raydetect.engines import create_engine
     from raydetect.evaluate import load_dataset
     from raydetect.model_card import ModelCard
-    from raydetect.preprocess import decode_image, letterbox, to_tensor
+    from raydetect.stages.preprocess import decode_image, letterbox, to_tensor
 
     card = ModelCard.load(path)
     eng = create_engine(card, DetectorConfig(model=path, engine=engine, threads=cfg.threads, device="cpu"))

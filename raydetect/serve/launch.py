@@ -48,8 +48,11 @@ def run_forever(cfg: ServeConfig) -> None:
         init_ray()  # Ray's start-up noise hidden unless -v (raydetect/ray_logging.py)
     # SIGTERM (kill, systemd, docker stop) stops like Ctrl-C: exit 0, no stack dump. Set after
     # ray.init, whose driver handler would exit with status 15.
+    # Ctrl-C (SIGINT) stops it too, also when it was started from a non-interactive shell's
+    # background job, which starts commands with SIGINT ignored (POSIX) and Python keeps that.
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _sigterm_as_ctrl_c)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     http_options = {
         "host": cfg.host,
         "port": cfg.port,

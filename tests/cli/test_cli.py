@@ -15,8 +15,8 @@ from pydantic import BaseModel
 
 from raydetect.cli import bench as cli_bench
 from raydetect.cli import build as cli_build
-from raydetect.cli import compress as cli_compress
 from raydetect.cli import build_parser
+from raydetect.cli import compress as cli_compress
 from raydetect.cli import detect as cli_detect
 from raydetect.cli import eval as cli_eval
 from raydetect.cli import nncf_quantize as cli_nncf_quantize
