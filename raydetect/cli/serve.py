@@ -26,8 +26,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     g = add_fields(p, ServeConfig, title="endpoint", skip=("min_replicas", "max_replicas", "batch_wait_timeout_s"),
                    extra=SERVE_HELP)
     g.add_argument("--replicas", default="1", help="N, or MIN:MAX to autoscale (default 1)")
-    g.add_argument("--batch-wait-ms", type=float, default=ServeConfig.model_fields["batch_wait_timeout_s"].default * 1e3,
-                   help="how long a batch waits to fill, ms (default 5)")
+    wait_ms = ServeConfig.model_fields["batch_wait_timeout_s"].default * 1e3
+    g.add_argument("--batch-wait-ms", type=float, default=wait_ms,
+                   help=f"how long a batch waits to fill, ms (default {wait_ms:g})")
     add_detector_args(p)
 
 

@@ -30,7 +30,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from raydetect.storage import TMP_SUFFIX, Location, is_remote_fs, write_bytes_atomic
+from raydetect.storage import TMP_SUFFIX, Location, is_remote_fs, normalise_url, write_bytes_atomic
 
 log = logging.getLogger(__name__)
 
@@ -356,10 +356,9 @@ class JobOutput:
         return self.location.path
 
     @classmethod
-    def open(cls, location: Location, manifest: dict, *, overwrite: bool = False, name: str | None = None,
-             normalise=None) -> JobOutput:
+    def open(cls, location: Location, manifest: dict, *, overwrite: bool = False, name: str | None = None) -> JobOutput:
         """Record ``manifest`` at ``location`` and return the output. An existing output is
-        resumed when its manifest matches (``normalise`` re-spells an older manifest's input),
+        resumed when its manifest matches (an older manifest's input re-spelled by ``normalise_url``),
         replaced with ``overwrite``, and otherwise refused: :class:`OutputMismatchError` for
         another job's results, ``FileExistsError`` for Parquet files without a manifest."""
         fs, out_path, name = location.fs, location.path, name or location.url
@@ -377,8 +376,8 @@ class JobOutput:
                             "or pass --overwrite"
                         )
                 else:
-                    if normalise is not None and isinstance(old.get("input"), str):
-                        old = {**old, "input": normalise(old["input"])}  # written before inputs were normalised
+                    if isinstance(old.get("input"), str):
+                        old = {**old, "input": normalise_url(old["input"])}  # written before inputs were normalised
                     check_manifest(old, manifest, name)
                     manifest = {**old, "shard_size": manifest["shard_size"], "resumed": manifest["created"]}
                 clean_tmp(fs, out_path)

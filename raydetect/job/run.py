@@ -194,7 +194,7 @@ def open_output(cfg: JobConfig, manifest: dict, overwrite: bool) -> sh.JobOutput
     manifest recorded. Raises :class:`~raydetect.job.output.OutputMismatchError` (a
     ``FileExistsError``) when the output holds results of another job."""
     return sh.JobOutput.open(Location.of(cfg.output, cfg.detector.storage), manifest, overwrite=overwrite,
-                             name=cfg.output, normalise=normalise_url)
+                             name=cfg.output)
 
 
 class Heartbeat:
