@@ -689,7 +689,7 @@ def gpu_main(argv: list[str]) -> None:
                     help="decoder:codec:sessions,... of the in-process step")
     ap.add_argument("--inproc-files", type=int, default=2)
     ap.add_argument("--jobs", default="nvdec:h264:1:4,nvdec:h264:2:4,nvdec:hevc:2:4,cpu:h264:4:4",
-                    help="decoder:codec:actors:sessions,...")
+                    help="decoder:codec:actors:sessions[:files],... (files: the first N clips of the codec)")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "video_gpu"))
     ap.add_argument("--merge", nargs="*", help="step JSON files to fold into --out (no runs)")
     args = ap.parse_args(argv)
@@ -752,10 +752,11 @@ def gpu_main(argv: list[str]) -> None:
         ray.init(num_cpus=os.cpu_count(), num_gpus=1, include_dashboard=False, log_to_driver=False)
         res["job"] = {}
         for spec in args.jobs.split(","):
-            decoder, codec, actors, sessions = spec.split(":")
-            tag = f"{decoder}_{codec}_{actors}x{sessions}"
+            decoder, codec, actors, sessions, *files = spec.split(":")
+            tag = f"{decoder}_{codec}_{actors}x{sessions}" + (f"_{files[0]}files" if files else "")
             try:
-                r = ray_job(clips[codec]["files"], decoder, int(actors), int(sessions), args, tag)
+                paths = clips[codec]["files"][: int(files[0])] if files else clips[codec]["files"]
+                r = ray_job(paths, decoder, int(actors), int(sessions), args, tag)
             except Exception as e:
                 r = {"tag": tag, "error": f"{type(e).__name__}: {e}"}
             res["job"][tag] = r

@@ -1,24 +1,45 @@
 #!/usr/bin/env bash
-# Issue 15 on a one-GPU device machine, in one call, from a copy of this tree (e.g.
-# /work/main/.wt15) with the carried folder DATA beside it holding: vsite.tar.xz (PyAV 18.1.0 +
-# PyNvVideoCodec 2.2.4 for cp312, unpacked wheels), whl/ (onnx2torch, pydantic), pyt/ (pytest,
-# if missing there), yolov5n-coco.onnx.xz, traffic-highway-2s.mp4. Ray does not fit beside them
-# in one call (64 MiB): the Ray Data job step (--gpu job) needs the Ray bundle in another call.
-#   bash benchmarks/video_gpu_device.sh
+# Issue 15 on a one-GPU device machine, in one call: the NVDEC GPU tests, then
+# benchmarks/video.py's clips, decode, in-process and Ray Data job steps (1080p H.264 and HEVC).
+#
+# The carry folder C (default .c15, git-ignored; 64 MiB with the tree) holds:
+#   ray-slim.tar.xz  Ray 2.60 from ../shared/device/bundle.sh, binaries stripped (strip
+#                    --strip-unneeded): 24 MB instead of 28
+#   wheels/          the bundle's wheels minus Serve's HTTP stack, haproxy and cryptography
+#                    (a Ray Data job imports none of them)
+#   vsite.tar.xz     PyAV 18.1.0 + PyNvVideoCodec 2.2.4 (cp312) unpacked, samples and sources
+#                    removed, shared objects stripped
+#   yolov5n-coco.onnx.xz, traffic-highway-2s.mp4   from ../shared/data
+# Run (device tool, carry [".c15"]):  bash benchmarks/video_gpu_device.sh
+# Results: $OUT/gpu_tests.log and $OUT/video_gpu.<steps>.json; fold them with
+#   python benchmarks/video.py --merge $OUT/video_gpu.*.json --out benchmarks/results/video_gpu
 set -u
-DATA=${DATA:-../.wt15data}
+C=${C:-.c15}
 OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT" /tmp/vsite /tmp/data/models /tmp/data/video
-export PYTHONUNBUFFERED=1 RAYDETECT_TEST_DATA=/tmp/data
-tar -C /tmp/vsite -xJf "$DATA/vsite.tar.xz" || exit 3
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/vsite "$DATA"/whl/*.whl
-python3 -c "import pytest" 2>/dev/null || python3 -m pip install -q --no-index --no-deps --target /tmp/vsite "$DATA"/pyt/*.whl
-xz -dc "$DATA/yolov5n-coco.onnx.xz" > /tmp/data/models/yolov5n-coco.onnx
-cp "$DATA/traffic-highway-2s.mp4" /tmp/data/video/
-export PYTHONPATH=/tmp/vsite:$PWD
+mkdir -p "$OUT" /tmp/site /tmp/data/models /tmp/data/video
+export PYTHONUNBUFFERED=1 RAYDETECT_TEST_DATA=/tmp/data RAY_DEDUP_LOGS=0
+t0=$(date +%s)
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site "$C"/wheels/*.whl || exit 2
+tar -C /tmp/site -xJf "$C/ray-slim.tar.xz" || exit 3
+tar -C /tmp/site -xJf "$C/vsite.tar.xz" || exit 3
+chmod +x /tmp/site/ray/core/src/ray/raylet/raylet /tmp/site/ray/core/src/ray/gcs/gcs_server
+xz -dc "$C/yolov5n-coco.onnx.xz" > /tmp/data/models/yolov5n-coco.onnx
+cp "$C/traffic-highway-2s.mp4" /tmp/data/video/
+export PYTHONPATH=/tmp/site:$PWD
+echo "installed in $(( $(date +%s) - t0 )) s"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
-python3 -c "import PyNvVideoCodec as n; p=n.PacketData(); print([a for a in dir(p) if not a.startswith('_')], list(getattr(n.cudaVideoCodec, '__members__', {}))[:12])" 2>&1 | tail -3
-python3 -c "import av, torch; from raydetect.video.nvdec import nvdec_availability as a; print(av.__version__, torch.__version__, a())" 2>&1 | tail -3
-timeout ${TESTS_S:-65} python3 -m pytest -q -s -rs tests/video/test_video.py -k "nvdec or colour or resolve" -p no:cacheprovider > "$OUT/gpu_tests.log" 2>&1
-grep -v "^$" "$OUT/gpu_tests.log" | tail -14
-timeout ${BENCH_S:-85} python3 benchmarks/video.py --gpu clips,decode,inproc --segment-s 20 --inproc-files 1 --sessions 1,8 --decode-frames 800 --inproc nvdec:h264:8,cpu:h264:16,nvdec:hevc:8 --work /tmp/vgw --out "$OUT/video_gpu" 2>&1 | grep -v Warning | grep -E "^(h264|hevc|inproc|clips|wrote|Traceback|[A-Za-z]*Error)" | tail -20
+python3 -c "import av, torch, ray; from raydetect.video.nvdec import nvdec_availability as a; print(av.__version__, torch.__version__, ray.__version__, a())" 2>&1 | tail -3
+timeout ${TESTS_S:-170} python3 -m pytest -q -s -rs tests/video/test_video.py -k "nvdec or colour or resolve or annexb" \
+  -p no:cacheprovider > "$OUT/gpu_tests.log" 2>&1
+grep -v "^$" "$OUT/gpu_tests.log" | tail -12
+echo "tests done at $(( $(date +%s) - t0 )) s"
+B="python3 benchmarks/video.py --segment-s 30 --minutes 10 --files 4 --work /tmp/vgw --out $OUT/video_gpu"
+timeout ${BENCH_S:-160} $B --gpu clips,decode,inproc --sessions 1,2,4,8 --decode-frames 1000 \
+  --inproc nvdec:h264:4,nvdec:h264:8,nvdec:hevc:8,cpu:h264:16 --inproc-files 1 2>&1 \
+  | grep -E "^(h264|hevc|inproc|clips|nvdec|wrote|Traceback|[A-Za-z]*Error)" | tail -24
+echo "bench done at $(( $(date +%s) - t0 )) s"
+timeout ${JOB_S:-$(( 585 - ($(date +%s) - t0) ))} $B --gpu job \
+  --jobs nvdec:h264:1:4,nvdec:h264:2:4,nvdec:hevc:2:4,cpu:h264:4:4:1 2>&1 \
+  | grep -E "^(job|wrote|Traceback|[A-Za-z]*Error)" | tail -12
+echo "job done at $(( $(date +%s) - t0 )) s"
+ls -la "$OUT"
