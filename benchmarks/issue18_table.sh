@@ -1,24 +1,25 @@
 #!/usr/bin/env bash
 # issue 18 precision table: all CPU rows, interleaved timing, mAP on all 800 test images.
-# The models (paths below) were made with:
+# Models (folder W, default /tmp/i18; none of them is committed):
 #   Q: raydetect quantize --model $M --calib <defects>/images/train --out $Q --images 300
 #   P: raydetect nncf-quantize --model $M --calib <defects>/images/train --out $P --images 300
-#   F: raydetect compress --checkpoint <models>/yolov8n-defects.pt --data DS --out /tmp/wt18/cpu/ft --prune-ratio 0.2
-#        --finetune-epochs 10 --finetune-minutes 25 --lr 0.005 --qat-epochs 0 --batch 16 --workers 2 --device cpu
-#        --max-map-drop 100   (CPU: about one epoch in 25 min; the GPU run could not be made)
-#   A: raydetect compress --checkpoint /tmp/wt18/cpu/ft/yolov8n-defects-pruned-ft.pt --data DS --out /tmp/wt18/cpu/qat
-#        --prune-ratio 0 --finetune-epochs 0 --qat-epochs 1 --fraction 0.1 --batch 16 --calib-batches 4 --eval-limit 150
-#        --device cpu --max-map-drop 100
-#   DS: the defect set with train = the first 3,500 train images by name (the checkpoint's training set) and
-#       val = 300 seeded val images; test = images/test (kept out, checked by compress)
+#   F, A: benchmarks/compress_gpu_device.sh on the device (one call): raydetect compress prunes
+#      20 % of the channels per layer (head kept), fine-tunes on the GPU (Ultralytics' trainer,
+#      4.5 minutes, SGD lr 0.01, batch 64), then a second compress run does NNCF QAT (2 epochs, GPU)
+#      of the fine-tuned checkpoint. Training: the first 3,000 train images by name (the
+#      checkpoint's own training images); val: the first 400 val images; test never travels.
+# Run from the repository root: bash benchmarks/issue18_table.sh [extra precision_table.py args]
 set -e
-cd /work/wt18
-M=/work/shared/data/models/yolov8n-defects.onnx
-Q=/tmp/wt18/ortq/yolov8n-defects_int8.onnx
-P=/tmp/wt18/ptq/yolov8n-defects_nncf_int8.onnx
-F=/tmp/wt18/cpu/ft/yolov8n-defects-pruned-ft.onnx
-A=/tmp/wt18/cpu/qat/yolov8n-defects-pruned-ft-pruned-qat-int8.onnx
-PYTHONPATH=/work/wt18 python3 benchmarks/precision_table.py --model $M --int8 $Q --rounds ${ROUNDS:-5} --reps 3 \
+D=${DATA:-../shared/data}
+W=${W:-/tmp/i18}
+M=$D/models/yolov8n-defects.onnx
+Q=$W/yolov8n-defects_int8.onnx
+P=$W/yolov8n-defects_nncf_int8.onnx
+F=$W/yolov8n-defects-pruned-ft.onnx
+A=$W/yolov8n-defects-pruned-ft-pruned-qat-int8.onnx
+[ -f "$Q" ] || raydetect quantize --model $M --calib $D/defects/images/train --out $Q --images 300
+[ -f "$P" ] || raydetect nncf-quantize --model $M --calib $D/defects/images/train --out $P --images 300
+python3 benchmarks/precision_table.py --model $M --int8 $Q --rounds ${ROUNDS:-5} --reps 3 \
   --out benchmarks/results/precision_table_issue18 \
   --rows onnxruntime:fp32:$M:baseline openvino:fp32:$M:baseline onnxruntime:int8:$Q:baseline-ORT-PTQ \
          openvino:int8:$Q:baseline-ORT-PTQ openvino:int8:$P:baseline-NNCF-PTQ \

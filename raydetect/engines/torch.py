@@ -65,6 +65,19 @@ def compile_mode(setting: str, is_cuda: bool) -> str:
 COMPILE_RECIPE = "inductor-freezing-cl-1"
 
 
+def channels_last(module):
+    """``module`` with its 4-D parameters and buffers (convolution weights) in channels-last
+    layout. ``Module.to(memory_format=channels_last)`` refuses modules that also hold 5-D
+    tensors (YOLOv5's anchor grid, ``[1, 3, H, W, 2]``); those and all others stay as they are."""
+    import torch
+
+    for m in module.modules():
+        for t in list(m.parameters(recurse=False)) + list(m.buffers(recurse=False)):
+            if t is not None and t.dim() == 4:
+                t.data = t.data.contiguous(memory_format=torch.channels_last)
+    return module
+
+
 @dataclass(frozen=True)
 class CompiledKey(EngineKey):
     """The cache key of a compiled engine: an :class:`EngineKey` whose runtime field names torch
@@ -163,7 +176,7 @@ class TorchEngine(Engine):
             if self.dtype == torch.float32:  # keep FP32 exact: no TF32 in convolutions/matmuls
                 torch.backends.cudnn.allow_tf32 = False
                 torch.backends.cuda.matmul.allow_tf32 = False
-        self.model = gm.eval().to(dev, self.dtype).to(memory_format=torch.channels_last)
+        self.model = channels_last(gm.eval().to(dev, self.dtype))
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.max_batch = config.batch_size

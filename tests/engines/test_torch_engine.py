@@ -116,6 +116,19 @@ def test_fp32_raw_head_matches_onnxruntime(model, request):
     assert rel_err(out_t[2:].numpy(), ref[:1]) <= 1e-4
 
 
+def test_yolov5_export_runs_and_matches_onnxruntime():
+    """A YOLOv5 export holds a 5-D buffer (the anchor grid): the engine's channels-last layout
+    applies to the 4-D weights only (``Module.to(memory_format=...)`` refused the module)."""
+    model = MODELS / "yolov5n-coco.onnx"
+    card = ModelCard.load(str(model))
+    x = letterboxed_photos(2)
+    ref = ort.InferenceSession(card.onnx_bytes).run(None, {card.input_name: x})[0]
+    eng = TorchEngine(card, cpu_config(model))
+    assert any(b.dim() == 5 for b in eng.model.buffers())
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in eng.model.parameters() if p.dim() == 4)
+    assert rel_err(eng.infer(x), ref) <= 1e-4
+
+
 def test_trained_model_fp32_matches_onnxruntime():
     """Random weights give almost input-independent outputs; the trained model does not."""
     card = ModelCard.load(str(TRAINED))
