@@ -35,11 +35,11 @@ grep -v "^$" "$OUT/gpu_tests.log" | tail -12
 echo "tests done at $(( $(date +%s) - t0 )) s"
 B="python3 benchmarks/video.py --segment-s 30 --minutes 10 --files 4 --work /tmp/vgw --out $OUT/video_gpu"
 timeout ${BENCH_S:-200} $B --gpu ${STEPS:-clips,decode,inproc} --sessions 1,2,4,8 --decode-frames 1000 \
-  --inproc nvdec:h264:4,nvdec:h264:8,nvdec:hevc:8,cpu:h264:16 --inproc-files 1 2>&1 \
+  --inproc ${INPROC:-nvdec:h264:4,nvdec:h264:8,nvdec:hevc:8,cpu:h264:8} --inproc-files 2 2>&1 \
   | grep -E "^(h264|hevc|inproc|clips|nvdec|wrote|Traceback|[A-Za-z]*Error)" | tail -24
 echo "bench done at $(( $(date +%s) - t0 )) s"
 timeout ${JOB_S:-$(( 585 - ($(date +%s) - t0) ))} $B --gpu job \
-  --jobs nvdec:h264:1:4,nvdec:h264:2:4,cpu:h264:4:4:1 2>&1 \
+  --jobs ${JOBS:-nvdec:h264:2:4,nvdec:h264:2:8,nvdec:h264:4:4,cpu:h264:4:4:1} 2>&1 \
   | grep -E "^(job|wrote|Traceback|[A-Za-z]*Error)" | tail -12
 echo "job done at $(( $(date +%s) - t0 )) s"
 ls -la "$OUT"
