@@ -29,7 +29,7 @@ export PYTHONPATH=/tmp/site:$PWD
 echo "installed in $(( $(date +%s) - t0 )) s"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 python3 -c "import av, torch, ray; from raydetect.video.nvdec import nvdec_availability as a; print(av.__version__, torch.__version__, ray.__version__, a())" 2>&1 | tail -3
-timeout ${TESTS_S:-150} python3 -m pytest -q -s -rs tests/video/test_video.py -k "nvdec or colour or resolve or annexb" \
+timeout ${TESTS_S:-150} python3 -m pytest -q -s -rs tests/video/test_video.py -k "${TESTS_K:-nvdec or colour or resolve or annexb}" \
   -p no:cacheprovider > "$OUT/gpu_tests.log" 2>&1
 grep -v "^$" "$OUT/gpu_tests.log" | tail -12
 echo "tests done at $(( $(date +%s) - t0 )) s"
@@ -38,7 +38,7 @@ timeout ${BENCH_S:-200} $B --gpu ${STEPS:-clips,decode,inproc} --sessions 1,2,4,
   --inproc ${INPROC:-nvdec:h264:4,nvdec:h264:8,nvdec:hevc:8,cpu:h264:8} --inproc-files 2 2>&1 \
   | grep -E "^(h264|hevc|inproc|clips|nvdec|wrote|Traceback|[A-Za-z]*Error)" | tail -24
 echo "bench done at $(( $(date +%s) - t0 )) s"
-timeout ${JOB_S:-$(( 585 - ($(date +%s) - t0) ))} $B --gpu job \
+timeout ${JOB_S:-$(( ${TOTAL_S:-585} - ($(date +%s) - t0) ))} $B --gpu job \
   --jobs ${JOBS:-nvdec:h264:2:4,nvdec:h264:2:8,nvdec:h264:4:4,cpu:h264:4:4:1} 2>&1 \
   | grep -E "^(job|wrote|Traceback|[A-Za-z]*Error)" | tail -12
 echo "job done at $(( $(date +%s) - t0 )) s"
