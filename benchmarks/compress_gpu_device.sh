@@ -10,7 +10,7 @@
 #                 (the checkpoint's own training images; seeded random choice, since the set is
 #                 ordered by class: the first 3,000 by name have no 'ka'; all 3,500 do not fit the
 #                 64 MiB carry), val = 300 seeded-random val images; no test split (never travels)
-#   yolov8n-defects.pt
+#   yolov8n-defects.pt  (CKPT=... PRUNE=0: fine-tune an already pruned checkpoint instead)
 # Run (device tool): bash benchmarks/compress_gpu_device.sh   (carry: [".c18"])
 # Then, on the CPU machine: benchmarks/issue18_table.sh with the models this writes to $OUT.
 set -u
@@ -24,16 +24,17 @@ mkdir -p /tmp/c18 && tar -C /tmp/c18 -xf "$C"/defects.tar || exit 1
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 W=/tmp/c18/work
 # 1. prune 20 % of the channels per layer (head kept), fine-tune on the GPU for FT_MIN minutes
-timeout $(( ${FT_MIN%.*} * 60 + 150 )) python3 -m raydetect.cli compress --checkpoint "$C"/yolov8n-defects.pt \
-  --data /tmp/c18/defects/data.yaml --out $W/ft --prune-ratio 0.2 --finetune-epochs 100 \
+timeout $(( ${FT_MIN%.*} * 60 + 150 )) python3 -m raydetect.cli compress --checkpoint "$C"/${CKPT:-yolov8n-defects.pt} \
+  --data /tmp/c18/defects/data.yaml --out $W/ft --prune-ratio ${PRUNE:-0.2} --finetune-epochs 100 \
   --finetune-minutes "$FT_MIN" --lr 0.01 --batch 64 --workers 12 --qat-epochs 0 --max-map-drop 100 \
   --device cuda 2>&1 | grep -v -E "^\s+[0-9]+/[0-9]+ .*it/s|Scanning" | tail -60
 mkdir -p "$OUT"
 cp $W/ft/compress_report.json "$OUT"/compress_defects_gpu_prune_finetune.json 2>/dev/null
-cp $W/ft/yolov8n-defects-pruned-ft.pt $W/ft/yolov8n-defects-pruned-ft.onnx "$OUT"/ 2>/dev/null
+cp $W/ft/*-pruned-ft.pt $W/ft/*-pruned-ft.onnx "$OUT"/ 2>/dev/null
+FT=$(ls $W/ft/*-pruned-ft.pt 2>/dev/null | head -1)
 # 2. NNCF quantization-aware training of the fine-tuned model on the GPU → INT8 QDQ ONNX
-if [ -f $W/ft/yolov8n-defects-pruned-ft.pt ]; then
-  timeout 170 python3 -m raydetect.cli compress --checkpoint $W/ft/yolov8n-defects-pruned-ft.pt \
+if [ -n "$FT" ] && [ "$QAT_EPOCHS" -gt 0 ]; then
+  timeout 170 python3 -m raydetect.cli compress --checkpoint "$FT" \
     --data /tmp/c18/defects/data.yaml --out $W/qat --prune-ratio 0 --finetune-epochs 0 \
     --qat-epochs "$QAT_EPOCHS" --batch 32 --calib-batches 8 --workers 12 --max-map-drop 100 \
     --device cuda 2>&1 | tail -30
