@@ -816,8 +816,10 @@ def markdown_gpu(r: dict) -> str:
     for run in r["runs"]:
         m = run["machine"] or {}
         lines.append(f"- `{run['command']}` on {m.get('gpu')}, {m.get('cpus')} CPUs, PyAV {m.get('pyav')}")
-    lines += ["", "## Summary", "", "| " + " | ".join(k for k in (r["summaries"][0] if r["summaries"] else {})) + " |"]
-    if r["summaries"]:
+    if not r["summaries"]:
+        lines += ["", "## Summary", "", "No decode + detect run completed: no summary."]
+    else:
+        lines += ["", "## Summary", "", "| " + " | ".join(r["summaries"][0]) + " |"]
         lines.append("|" + "---|" * len(r["summaries"][0]))
         for s in r["summaries"]:
             lines.append("| " + " | ".join(f"{v:.1f}" if isinstance(v, float) else str(v) for v in s.values()) + " |")
