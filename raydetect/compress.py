@@ -124,10 +124,10 @@ class CompressReport:
 
 
 def _check_splits(cfg: CompressConfig) -> dict[str, int]:
-    """Training and evaluation must not share images with the test split."""
+    """Training and evaluation must not share images with the test split, and must hold every class."""
     import yaml
 
-    from raydetect.evaluate import DatasetError, load_dataset
+    from raydetect.evaluate import DatasetError, class_counts, load_dataset, subset
 
     if not cfg.data.lower().endswith((".yaml", ".yml")):
         raise CompressError(f"{cfg.data}: compress trains with Ultralytics, which reads a YOLO data.yaml "
@@ -139,8 +139,10 @@ def _check_splits(cfg: CompressConfig) -> dict[str, int]:
         raise CompressError(f"{cfg.data}: {e}") from None
     counts = {}
     try:
-        train = {i.uri for i in load_dataset(cfg.data, "train").images}
-        ev = {i.uri for i in load_dataset(cfg.data, cfg.eval_split).images}
+        train_items = load_dataset(cfg.data, "train").images
+        ev_items = load_dataset(cfg.data, cfg.eval_split).images
+        train = {i.uri for i in train_items}
+        ev = {i.uri for i in ev_items}
         test = {i.uri for i in load_dataset(cfg.data, "test").images} if spec.get("test") else set()
     except DatasetError as e:
         raise CompressError(str(e)) from None
@@ -148,6 +150,19 @@ def _check_splits(cfg: CompressConfig) -> dict[str, int]:
         raise CompressError("training, calibration and evaluation must not see the test split "
                             f"(eval_split={cfg.eval_split!r}; shared with test: train {len(train & test)}, "
                             f"eval {len(ev & test)} images)")
+    names = spec.get("names") or {}
+    names = dict(enumerate(names)) if isinstance(names, list) else {int(k): v for k, v in names.items()}
+    # Fine-tuning on a split without some class makes the pruned model forget it, and an
+    # evaluation split without it cannot show the loss (a subset taken by file name from a set
+    # ordered by class does both).
+    for split, items in (("train", train_items), (cfg.eval_split, subset(ev_items, cfg.eval_limit, cfg.seed))):
+        have = class_counts(items)
+        missing = [f"{c} ({n})" for c, n in sorted(names.items()) if not have.get(c)]
+        if missing:
+            raise CompressError(
+                f"{cfg.data}: the {split} split{' sample' if split != 'train' and cfg.eval_limit else ''} has no "
+                f"labelled instance of class {', '.join(missing)}; every class of the model must be in the "
+                "training and evaluation images (is the set ordered by class and cut by file name?)")
     counts = {"train": len(train), "eval": len(ev), "test_kept_out": len(test)}
     return counts
 

@@ -420,6 +420,26 @@ def _read(uri: str, storage: StorageConfig | None) -> bytes:
         return f.read()
 
 
+def class_counts(items: Sequence[LabelledImage], storage: StorageConfig | None = None) -> dict[int, int]:
+    """Labelled instances per class id over ``items`` (YOLO label files or COCO boxes); an image
+    without a label file is a background image and counts nothing."""
+    counts: dict[int, int] = {}
+    for item in items:
+        if item.boxes is not None:
+            ids = [b.class_id for b in item.boxes]
+        else:
+            fs, path = filesystem(item.label_uri, storage)
+            try:
+                with fs.open(path, "rb") as f:
+                    text = f.read().decode("utf-8", errors="replace")
+            except FileNotFoundError:
+                continue
+            ids = [c for c, *_ in parse_yolo_labels(text, item.label_uri)]
+        for c in ids:
+            counts[c] = counts.get(c, 0) + 1
+    return counts
+
+
 def _gt_boxes(item: LabelledImage, result: ImageResult, storage) -> list[GroundTruth]:
     if item.boxes is not None:
         return item.boxes

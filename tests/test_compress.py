@@ -16,7 +16,7 @@ pytest.importorskip("torch_pruning")
 pytest.importorskip("ultralytics")
 pytest.importorskip("nncf")
 
-from raydetect.compress import REPORT_NAME, CompressError, compress  # noqa: E402
+from raydetect.compress import REPORT_NAME, CompressConfig, CompressError, _check_splits, compress  # noqa: E402
 from raydetect.config import DetectorConfig  # noqa: E402
 from raydetect.engines import create_engine  # noqa: E402
 from raydetect.engines.onnxruntime import is_quantized  # noqa: E402
@@ -27,13 +27,30 @@ CHECKPOINT = MODELS / "yolov8n-defects.pt"
 NAMES = {0: "fi", 1: "ke", 2: "ka", 3: "ib", 4: "kb", 5: "hc", 6: "hb", 7: "hd"}
 
 
-def tiny_dataset(root, n_train: int = 8, n_val: int = 8, test: bool = True):
-    """A YOLO data.yaml over links to a few images of the shared defect set (nothing copied)."""
+def _covering(split: str, n: int) -> list:
+    """The first image of each class (the set is ordered by class), then the next ones by name,
+    ``n`` in all: a few images in which every class is labelled."""
+    files = sorted((DEFECTS / "images" / split).iterdir())
+    chosen, seen = [], set()
+    for f in files:
+        classes = {int(line.split()[0]) for line in (DEFECTS / "labels" / split / (f.stem + ".txt")).read_text()
+                   .splitlines() if line.strip()}
+        if classes - seen:
+            chosen.append(f)
+            seen |= classes
+    chosen += [f for f in files if f not in chosen][: max(0, n - len(chosen))]
+    return sorted(chosen[:n])
+
+
+def tiny_dataset(root, n_train: int = 8, n_val: int = 8, test: bool = True, by_name: bool = False):
+    """A YOLO data.yaml over links to a few images of the shared defect set (nothing copied):
+    every class labelled in each split, or (``by_name``) the first images by name."""
     splits = {"train": n_train, "val": n_val, **({"test": 4} if test else {})}
     for split, n in splits.items():
         for sub in ("images", "labels"):
             (root / sub / split).mkdir(parents=True)
-        for f in sorted((DEFECTS / "images" / split).iterdir())[:n]:
+        pick = sorted((DEFECTS / "images" / split).iterdir())[:n] if by_name or split == "test" else _covering(split, n)
+        for f in pick:
             os.symlink(f, root / "images" / split / f.name)
             label = DEFECTS / "labels" / split / (f.stem + ".txt")
             os.symlink(label, root / "labels" / split / label.name)
@@ -103,7 +120,7 @@ def test_compress_end_to_end_on_cpu(data_dir, tmp_path):
 def test_gate_fails_with_impossible_threshold(data_dir, tmp_path, capsys):
     from raydetect.cli import main
 
-    data = tiny_dataset(tmp_path / "ds", n_train=4, n_val=4, test=False)
+    data = tiny_dataset(tmp_path / "ds", n_train=8, n_val=8, test=False)
     out = tmp_path / "out"
     rc = main(["compress", "--checkpoint", str(CHECKPOINT), "--data", str(data), "--out", str(out),
                "--imgsz", "320", "--finetune-epochs", "0", "--qat-epochs", "0", "--speed-images", "8",
@@ -120,3 +137,18 @@ def test_refuses_the_test_split(data_dir, tmp_path):
     data = tiny_dataset(tmp_path / "ds", n_train=2, n_val=2)
     with pytest.raises(CompressError, match="test split"):
         compress({"checkpoint": str(CHECKPOINT), "data": str(data), "out": str(tmp_path / "o"), "eval_split": "test"})
+
+
+def test_refuses_a_split_without_some_class(data_dir, tmp_path):
+    """The defect set is ordered by class: its first images by name hold one class only. A
+    fine-tune on them would make the model forget the others (it did on the first GPU run: the
+    first 3,000 training images have no 'ka'), and an evaluation on them could not show it."""
+    data = tiny_dataset(tmp_path / "ds", n_train=8, n_val=8, test=False, by_name=True)
+    with pytest.raises(CompressError, match=r"train split has no labelled instance of class 1 \(ke\)"):
+        compress({"checkpoint": str(CHECKPOINT), "data": str(data), "out": str(tmp_path / "o")})
+    assert not (tmp_path / "o").exists()  # refused before anything was written
+    good = tiny_dataset(tmp_path / "ds2", n_train=8, n_val=8, test=False)
+    cfg = {"checkpoint": str(CHECKPOINT), "data": str(good), "out": str(tmp_path / "o")}
+    assert _check_splits(CompressConfig(**cfg)) == {"train": 8, "eval": 8, "test_kept_out": 0}
+    with pytest.raises(CompressError, match=r"val split sample has no labelled instance"):
+        _check_splits(CompressConfig(**cfg, eval_limit=1))  # one image cannot hold all 8 classes
