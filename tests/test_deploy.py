@@ -207,8 +207,14 @@ def test_runtime_env_example_is_valid():
     from ray.runtime_env import RuntimeEnv
 
     env = RuntimeEnv(**load("jobs/runtime_env.yaml"))
-    assert env["working_dir"] == "." and ".git" in env["excludes"]
+    assert env["working_dir"] == "." and "/.?*" in env["excludes"]  # .git, .venv and the like
     assert all(isinstance(v, str) for v in env["env_vars"].values())
+    from ray._private.runtime_env.packaging import _get_excludes
+
+    excluded = _get_excludes(REPO, env["excludes"])
+    assert not excluded(REPO) and not excluded(REPO / "jobs" / "detect.py")
+    assert not excluded(REPO / "raydetect" / "detector.py")
+    assert excluded(REPO / ".git") and excluded(REPO / ".venv" / "lib") and excluded(REPO / "benchmarks" / "results")
 
 
 def test_grafana_dashboard_charts_raydetect_metrics():
