@@ -139,7 +139,8 @@ def _check_splits(cfg: CompressConfig) -> dict[str, int]:
         raise CompressError(f"{cfg.data}: {e}") from None
     counts = {}
     try:
-        train_items = load_dataset(cfg.data, "train").images
+        train_set = load_dataset(cfg.data, "train")
+        train_items = train_set.images
         ev_items = load_dataset(cfg.data, cfg.eval_split).images
         train = {i.uri for i in train_items}
         ev = {i.uri for i in ev_items}
@@ -150,8 +151,7 @@ def _check_splits(cfg: CompressConfig) -> dict[str, int]:
         raise CompressError("training, calibration and evaluation must not see the test split "
                             f"(eval_split={cfg.eval_split!r}; shared with test: train {len(train & test)}, "
                             f"eval {len(ev & test)} images)")
-    names = spec.get("names") or {}
-    names = dict(enumerate(names)) if isinstance(names, list) else {int(k): v for k, v in names.items()}
+    names = train_set.names
     # Fine-tuning on a split without some class makes the pruned model forget it, and an
     # evaluation split without it cannot show the loss (a subset taken by file name from a set
     # ordered by class does both).

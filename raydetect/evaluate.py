@@ -428,10 +428,8 @@ def class_counts(items: Sequence[LabelledImage], storage: StorageConfig | None =
         if item.boxes is not None:
             ids = [b.class_id for b in item.boxes]
         else:
-            fs, path = filesystem(item.label_uri, storage)
             try:
-                with fs.open(path, "rb") as f:
-                    text = f.read().decode("utf-8", errors="replace")
+                text = _read(item.label_uri, storage).decode("utf-8", errors="replace")
             except FileNotFoundError:
                 continue
             ids = [c for c, *_ in parse_yolo_labels(text, item.label_uri)]
