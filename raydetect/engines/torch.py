@@ -129,6 +129,11 @@ class TorchEngine(Engine):
 
     @classmethod
     def availability(cls) -> str | None:
+        from raydetect.gpu_probe import no_cuda_reason
+
+        why = no_cuda_reason()  # before importing torch: seconds, for auto's choice on a CPU machine
+        if why is not None:
+            return why + " (device='cpu' runs it on the CPU, for tests)"
         why = _imports()
         if why is not None:
             return why

@@ -66,6 +66,11 @@ def nvdec_availability() -> tuple[bool, str]:
     with their PTS."""
     if importlib.util.find_spec("PyNvVideoCodec") is None:  # checked first: importing torch is slow
         return False, "PyNvVideoCodec is not installed"
+    from raydetect.gpu_probe import no_cuda_reason
+
+    why = no_cuda_reason()
+    if why is not None:
+        return False, why
     try:
         import torch
     except ImportError:
