@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
 # Issue 18 on the device: `raydetect compress` with the fine-tune and QAT on the GPU, in one call.
 #
-# The carry folder C (default .c18, git-ignored) holds:
+# The carry folder C (default .c18, git-ignored; built by `bash benchmarks/device_carry.sh c18`) holds:
 #   whl/          ultralytics 8.4.190, ultralytics-thop, ultralytics-platform, torch-pruning 1.6.1,
 #                 nncf 3.4.0, pydot, openvino-telemetry, pydantic (+core, annotated-types,
 #                 typing-inspection), pycocotools, onnx2torch (cp312 wheels; the device README's
 #                 `pip download` recipe)
-#   defects.tar   defects/ with data.yaml, train = 3,200 of the first 3,500 train images by name
-#                 (the checkpoint's own training images; seeded random choice, since the set is
-#                 ordered by class: the first 3,000 by name have no 'ka'; all 3,500 do not fit the
-#                 64 MiB carry), val = 300 seeded-random val images; no test split (never travels)
+#   defects.zip   defects/ with data.yaml, train = a class-stratified seeded sample of 3,200 train
+#                 images (the split is ordered by class: the first 3,500 by name, the checkpoint's own
+#                 training images, hold no 'kb' or 'hc'; all 4,700 do not fit the 64 MiB carry),
+#                 val = 304 (38 per class); no test split (never travels)
 #   yolov8n-defects.pt  (CKPT=... PRUNE=0: fine-tune an already pruned checkpoint instead)
 # Run (device tool): bash benchmarks/compress_gpu_device.sh   (carry: [".c18"])
 # Then, on the CPU machine: benchmarks/issue18_table.sh with the models this writes to $OUT.
@@ -20,7 +20,7 @@ FT_MIN=${FT_MIN:-4}
 QAT_EPOCHS=${QAT_EPOCHS:-2}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$C"/whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 YOLO_OFFLINE=1
-mkdir -p /tmp/c18 && tar -C /tmp/c18 -xf "$C"/defects.tar || exit 1
+mkdir -p /tmp/c18 && python3 -m zipfile -e "$C"/defects.zip /tmp/c18 || exit 1
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 W=/tmp/c18/work
 # 1. prune 20 % of the channels per layer (head kept), fine-tune on the GPU for FT_MIN minutes

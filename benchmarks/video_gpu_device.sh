@@ -2,7 +2,8 @@
 # Issue 15 on a one-GPU device machine, in one call: the NVDEC GPU tests, then
 # benchmarks/video.py's clips, decode, in-process and Ray Data job steps (1080p H.264 and HEVC).
 #
-# The carry folder C (default .c15, git-ignored; 64 MiB with the tree) holds:
+# The carry folder C (default .c15, git-ignored; 64 MiB with the tree; built by
+# `bash benchmarks/device_carry.sh c15`) holds:
 #   ray-slim.tar.xz  Ray 2.60 from ../shared/device/bundle.sh, binaries stripped (strip
 #                    --strip-unneeded): 24 MB instead of 28
 #   wheels/          the bundle's wheels minus Serve's HTTP stack, haproxy and cryptography
