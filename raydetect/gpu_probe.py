@@ -18,7 +18,7 @@ DRIVER_NODES = ("/dev/nvidiactl", "/dev/nvidia0", "/proc/driver/nvidia/gpus", "/
 def no_cuda_reason(environ=os.environ, platform: str = sys.platform, exists=os.path.exists) -> str | None:
     """Why no CUDA device can be visible here, or None when one may be (torch decides then)."""
     visible = environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None and visible.strip() in ("", "-1"):
+    if visible is not None and visible.strip() in ("", "-1", "NoDevFiles"):  # NoDevFiles: Slurm, no GPU
         return f"no CUDA device visible (CUDA_VISIBLE_DEVICES={visible!r})"
     if platform.startswith("linux") and not any(exists(p) for p in DRIVER_NODES):
         return "no CUDA device visible (no NVIDIA driver here: /dev/nvidiactl is missing)"

@@ -15,6 +15,7 @@ def test_reasons_from_the_environment_and_the_driver_nodes():
     every = lambda p: True  # noqa: E731
     assert "CUDA_VISIBLE_DEVICES=''" in no_cuda_reason({"CUDA_VISIBLE_DEVICES": ""}, "linux", every)
     assert "'-1'" in no_cuda_reason({"CUDA_VISIBLE_DEVICES": "-1"}, "linux", every)
+    assert "NoDevFiles" in no_cuda_reason({"CUDA_VISIBLE_DEVICES": "NoDevFiles"}, "linux", every)
     assert "no NVIDIA driver" in no_cuda_reason({}, "linux", none)
     assert no_cuda_reason({}, "linux", every) is None  # a driver: torch decides
     assert no_cuda_reason({"CUDA_VISIBLE_DEVICES": "0,1"}, "linux", lambda p: p == "/dev/nvidiactl") is None
