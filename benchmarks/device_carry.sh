@@ -14,6 +14,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WHAT=${1:?usage: device_carry.sh c15|c18}
+case "$WHAT" in c15|c18) ;; *) echo "unknown carry '$WHAT' (c15 or c18)" >&2; exit 2 ;; esac
 DATA=${DATA:-../shared/data}
 BUNDLE=${BUNDLE:-/tmp/rd-bundle}
 DEST=.$WHAT
@@ -122,7 +123,6 @@ c15)
   xz -9 -c "$DATA/models/yolov5n-coco.onnx" > "$DEST/yolov5n-coco.onnx.xz"
   cp "$DATA/video/traffic-highway-2s.mp4" "$DEST/"
   ;;
-*) echo "unknown carry '$WHAT' (c15 or c18)" >&2; exit 2 ;;
 esac
 
 size=$(du -sb "$DEST" | cut -f1)
