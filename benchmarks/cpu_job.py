@@ -1,9 +1,11 @@
 """Whole batch job vs engine alone on this CPU machine (issue 2's benchmark).
 
-    python benchmarks/cpu_job.py [--images 240] [--repeats 3] [--batch-size 8]
+    python benchmarks/cpu_job.py [--images 240] [--repeats 3] [--batch-size 8] [--variants 1x2,2x1]
 
 Both are measured on the same files, alternating, ``--repeats`` times; medians are
-reported. *Engine only* = ONNX Runtime on already letterboxed tensors (no reading,
+reported. ``--variants`` lists job layouts ACTORSxTHREADS (detector actors x engine threads
+each, one CPU per actor in Ray's accounting), each run in every round; the first is the
+headline row (default: one actor with a thread per core). *Engine only* = ONNX Runtime on already letterboxed tensors (no reading,
 decoding, letterboxing, NMS or writing). *Job* = ``raydetect.job.run.run_job`` from file
 listing to Parquet written, with Ray already started (the actor start, model load and
 warm-up are inside the job's time). Results: ``benchmarks/results/cpu_job.json|md``.
@@ -63,8 +65,11 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=240)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--variants", default=f"1x{os.cpu_count()}",
+                    help="job layouts ACTORSxTHREADS, comma-separated (first = headline)")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "cpu_job"))
     args = ap.parse_args()
+    variants = [tuple(int(x) for x in v.split("x")) for v in args.variants.split(",")]
 
     import ray
 
@@ -81,17 +86,31 @@ def main() -> None:
     ray.init(address="local", logging_level="ERROR", include_dashboard=False)
     runs = []
     for r in range(args.repeats):
-        eng = engine_only(engine, tensors)
-        cfg = JobConfig(input=str(tmp / "in"), output=str(tmp / f"out{r}"), detector=det_cfg, progress=False)
-        s = run_job(cfg)
-        assert s.images == len(files) and s.errors == 0, s
-        runs.append({"engine_images_per_s": eng, "job_images_per_s": s.images_per_s, "job_s": s.seconds})
-        print(f"run {r}: engine {eng:.2f} img/s, job {s.images_per_s:.2f} img/s ({s.seconds:.1f} s)", flush=True)
+        for actors, threads in variants:
+            eng = engine_only(engine, tensors)
+            cfg = JobConfig(input=str(tmp / "in"), output=str(tmp / f"out{r}-{actors}x{threads}"),
+                            detector=det_cfg.model_copy(update={"threads": threads}), progress=False,
+                            concurrency=actors)
+            s = run_job(cfg)
+            assert s.images == len(files) and s.errors == 0, s
+            runs.append({"variant": f"{actors}x{threads}", "engine_images_per_s": eng,
+                         "job_images_per_s": s.images_per_s, "job_s": s.seconds})
+            print(f"run {r} {actors}x{threads}: engine {eng:.2f} img/s, job {s.images_per_s:.2f} img/s "
+                  f"({s.seconds:.1f} s)", flush=True)
     ray.shutdown()
     shutil.rmtree(tmp, ignore_errors=True)
 
-    eng_med = statistics.median(x["engine_images_per_s"] for x in runs)
-    job_med = statistics.median(x["job_images_per_s"] for x in runs)
+    per = {}
+    for actors, threads in variants:
+        v = f"{actors}x{threads}"
+        mine = [x for x in runs if x["variant"] == v]
+        per[v] = {
+            "engine_images_per_s_median": statistics.median(x["engine_images_per_s"] for x in mine),
+            "job_images_per_s_median": statistics.median(x["job_images_per_s"] for x in mine),
+            "job_over_engine_median": statistics.median(x["job_images_per_s"] / x["engine_images_per_s"] for x in mine),
+        }
+    head = per[f"{variants[0][0]}x{variants[0][1]}"]
+    eng_med, job_med = head["engine_images_per_s_median"], head["job_images_per_s_median"]
     result = {
         "command": "python benchmarks/cpu_job.py " + " ".join(sys.argv[1:]),
         "model": Path(args.model).name,
@@ -104,6 +123,7 @@ def main() -> None:
         "engine_images_per_s_median": eng_med,
         "job_images_per_s_median": job_med,
         "job_over_engine": job_med / eng_med,
+        "variants": per,
         "date": time.strftime("%Y-%m-%d"),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -115,6 +135,11 @@ def main() -> None:
         f"| whole job (read → decode → letterbox → infer → NMS → Parquet) | {job_med:.2f} |\n"
         f"| job / engine | {100 * job_med / eng_med:.1f} % |\n"
     )
+    if len(variants) > 1:
+        table += ("\n| job layout (actors x engine threads) | job images/s | job / engine (median of per-round ratios) |\n"
+                  "|---|---|---|\n")
+        for v, m in per.items():
+            table += f"| {v} | {m['job_images_per_s_median']:.2f} | {100 * m['job_over_engine_median']:.1f} % |\n"
     Path(args.out + ".md").write_text(f"# CPU job vs engine\n\n`{result['command']}`\n\n{table}")
     print(table)
 
