@@ -5,8 +5,8 @@
 Both are measured on the same files, alternating, ``--repeats`` times; medians are
 reported. ``--variants`` lists job layouts ACTORSxTHREADS (detector actors x engine threads
 each, one CPU per actor in Ray's accounting), each run in every round; the first is the
-headline row (default: one actor with a thread per core). *Engine only* = ONNX Runtime on already letterboxed tensors (no reading,
-decoding, letterboxing, NMS or writing). *Job* = ``raydetect.job.run.run_job`` from file
+headline row (default: one actor with a thread per core). *Engine only* = ONNX Runtime on
+already letterboxed tensors (no reading, decoding, letterboxing, NMS or writing). *Job* = ``raydetect.job.run.run_job`` from file
 listing to Parquet written, with Ray already started (the actor start, model load and
 warm-up are inside the job's time). Results: ``benchmarks/results/cpu_job.json|md``.
 """
@@ -69,7 +69,8 @@ def main() -> None:
                     help="job layouts ACTORSxTHREADS, comma-separated (first = headline)")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "cpu_job"))
     args = ap.parse_args()
-    variants = [tuple(int(x) for x in v.split("x")) for v in args.variants.split(",")]
+    names = args.variants.split(",")
+    variants = [tuple(int(x) for x in v.split("x")) for v in names]
 
     import ray
 
@@ -86,30 +87,29 @@ def main() -> None:
     ray.init(address="local", logging_level="ERROR", include_dashboard=False)
     runs = []
     for r in range(args.repeats):
-        for actors, threads in variants:
+        for name, (actors, threads) in zip(names, variants, strict=True):
             eng = engine_only(engine, tensors)
-            cfg = JobConfig(input=str(tmp / "in"), output=str(tmp / f"out{r}-{actors}x{threads}"),
+            cfg = JobConfig(input=str(tmp / "in"), output=str(tmp / f"out{r}-{name}"),
                             detector=det_cfg.model_copy(update={"threads": threads}), progress=False,
                             concurrency=actors)
             s = run_job(cfg)
             assert s.images == len(files) and s.errors == 0, s
-            runs.append({"variant": f"{actors}x{threads}", "engine_images_per_s": eng,
+            runs.append({"variant": name, "engine_images_per_s": eng,
                          "job_images_per_s": s.images_per_s, "job_s": s.seconds})
-            print(f"run {r} {actors}x{threads}: engine {eng:.2f} img/s, job {s.images_per_s:.2f} img/s "
+            print(f"run {r} {name}: engine {eng:.2f} img/s, job {s.images_per_s:.2f} img/s "
                   f"({s.seconds:.1f} s)", flush=True)
     ray.shutdown()
     shutil.rmtree(tmp, ignore_errors=True)
 
     per = {}
-    for actors, threads in variants:
-        v = f"{actors}x{threads}"
-        mine = [x for x in runs if x["variant"] == v]
-        per[v] = {
+    for name in names:
+        mine = [x for x in runs if x["variant"] == name]
+        per[name] = {
             "engine_images_per_s_median": statistics.median(x["engine_images_per_s"] for x in mine),
             "job_images_per_s_median": statistics.median(x["job_images_per_s"] for x in mine),
             "job_over_engine_median": statistics.median(x["job_images_per_s"] / x["engine_images_per_s"] for x in mine),
         }
-    head = per[f"{variants[0][0]}x{variants[0][1]}"]
+    head = per[names[0]]
     eng_med, job_med = head["engine_images_per_s_median"], head["job_images_per_s_median"]
     result = {
         "command": "python benchmarks/cpu_job.py " + " ".join(sys.argv[1:]),
