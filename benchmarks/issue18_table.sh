@@ -5,9 +5,9 @@
 #   P: raydetect nncf-quantize --model $M --calib <defects>/images/train --out $P --images 300
 #   F, A: benchmarks/compress_gpu_device.sh on the device (one call): raydetect compress prunes
 #      20 % of the channels per layer (head kept), fine-tunes on the GPU (Ultralytics' trainer,
-#      4.5 minutes, SGD lr 0.01, batch 64), then a second compress run does NNCF QAT (2 epochs, GPU)
-#      of the fine-tuned checkpoint. Training: the first 3,000 train images by name (the
-#      checkpoint's own training images); val: the first 400 val images; test never travels.
+#      FT_MIN=4 minutes, SGD lr 0.01, batch 64), then a second compress run does NNCF QAT (2 epochs,
+#      GPU) of the fine-tuned checkpoint. Training: a class-stratified sample of 3,200 train images;
+#      val: 304 (benchmarks/device_carry.sh c18); test never travels.
 # Run from the repository root: bash benchmarks/issue18_table.sh [extra precision_table.py args]
 set -e
 D=${DATA:-../shared/data}
