@@ -98,6 +98,9 @@ c15)
       *) cp "$w" "$DEST/wheels/" ;;
     esac
   done
+  # the torch engine converts the ONNX export with onnx2torch (not in the device image: without
+  # it the detector falls back to ONNX Runtime on the CPU and the job measures nothing of the GPU)
+  python3 -m pip download -q --no-deps "${PLAT[@]}" -d "$DEST/wheels" onnx2torch==1.5.15
   un=$(mktemp -d)
   xz -dc "$BUNDLE/ray-slim.tar.xz" | tar -C "$un" -xf -
   find "$un" -name "*.so*" -type f -exec strip --strip-unneeded {} + 2>/dev/null || true

@@ -42,6 +42,7 @@ on this clip are not vehicles. Results:
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import platform
@@ -653,7 +654,7 @@ def ray_job(paths: list[str], decoder: str, actors: int, sessions: int, args, ta
     out = Path(tempfile.mkdtemp(prefix=f"vjob-{tag}-"))
     cfg = JobConfig(input=str(Path(paths[0]).parent), output=str(out), detector=detector_config(args),
                     concurrency=actors, min_actors=actors, num_gpus=round(1.0 / actors, 4),
-                    num_cpus=max(1.0, ((os.cpu_count() or 2) - 2) / actors), progress=False, report=False,
+                    num_cpus=max(0.5, ((os.cpu_count() or 2) - 2) / actors), progress=False, report=False,
                     video=VideoConfig(segment_s=args.segment_s, decoder=decoder, sessions=sessions))
     t0 = time.perf_counter()
     summ = run_video_job(cfg, fsspec.filesystem("file"), paths)
@@ -667,7 +668,16 @@ def ray_job(paths: list[str], decoder: str, actors: int, sessions: int, args, ta
             "detections": summ.detections, "errors": summ.errors, "seconds_total": wall, "fps_total": summ.frames_decoded / wall,
             "seconds_steady": span, "fps_steady": steady, "streams_1080p30": None if steady is None else steady / 30,
             "decoders_used": sorted({f"{r['decoder']}: {r['decoder_reason']}" for r in rows}),
-            "workers": len({r["worker"] for r in rows})}
+            "workers": len({r["worker"] for r in rows}),
+            "segments_per_worker": sorted(collections.Counter(r["worker"] for r in rows).values()),
+            # each segment's [worker, start, end] in seconds from the first start: who ran what, when
+            "timeline": _timeline(rows)}
+
+
+def _timeline(rows: list[dict]) -> list[list]:
+    t0 = min(r["started"] for r in rows)
+    workers = {w: k for k, w in enumerate(sorted({r["worker"] for r in rows}))}
+    return sorted([workers[r["worker"]], round(r["started"] - t0, 2), round(r["finished"] - t0, 2)] for r in rows)
 
 
 def gpu_main(argv: list[str]) -> None:
@@ -749,6 +759,17 @@ def gpu_main(argv: list[str]) -> None:
     if "job" in steps:
         import ray
 
+        from raydetect.detector import Detector
+
+        # Build the engine once here first, so that every job's actors start from a warm compiled-
+        # engine cache (a cold cache made the first job's actors ready tens of seconds apart, and
+        # the ready ones took the segments of the others)
+        t0 = time.perf_counter()
+        warm = Detector(detector_config(args))
+        res["engine_warmup"] = {"seconds": time.perf_counter() - t0, "engine": warm.engine.name,
+                                "stages": warm.info()["stages"]}
+        del warm
+        print("engine warm-up:", res["engine_warmup"], flush=True)
         ray.init(num_cpus=os.cpu_count(), num_gpus=1, include_dashboard=False, log_to_driver=False)
         res["job"] = {}
         for spec in args.jobs.split(","):
@@ -761,7 +782,8 @@ def gpu_main(argv: list[str]) -> None:
                 r = {"tag": tag, "error": f"{type(e).__name__}: {e}"}
             res["job"][tag] = r
             print("job", tag, {k: r.get(k) for k in ("fps_total", "fps_steady", "streams_1080p30", "decoders_used",
-                                                     "error")}, flush=True)
+                                                     "segments_per_worker", "error")}, flush=True)
+            save()
         ray.shutdown()
     save()
     print("wrote", step_out)

@@ -7,7 +7,11 @@
 #   ray-slim.tar.xz  Ray 2.60 from ../shared/device/bundle.sh, binaries stripped (strip
 #                    --strip-unneeded): 24 MB instead of 28
 #   wheels/          the bundle's wheels minus Serve's HTTP stack, haproxy and cryptography
-#                    (a Ray Data job imports none of them)
+#                    (a Ray Data job imports none of them), plus onnx2torch (the torch engine's
+#                    ONNX converter; without it the detector runs ONNX Runtime on the CPU)
+# Variables: STEPS (clips,decode,inproc; the job step always runs after them), SESSIONS, SEG_S
+# (segment length: make segments = actors x sessions, or a multiple), JOBS, INPROC, TESTS_K,
+# TESTS_S, BENCH_S, TOTAL_S.
 #   vsite.tar.xz     PyAV 18.1.0 + PyNvVideoCodec 2.2.4 (cp312) unpacked, samples and sources
 #                    removed, shared objects stripped
 #   yolov5n-coco.onnx.xz, traffic-highway-2s.mp4   from ../shared/data
@@ -34,8 +38,10 @@ timeout ${TESTS_S:-150} python3 -m pytest -q -s -rs tests/video/test_video.py -k
   -p no:cacheprovider > "$OUT/gpu_tests.log" 2>&1
 grep -v "^$" "$OUT/gpu_tests.log" | tail -12
 echo "tests done at $(( $(date +%s) - t0 )) s"
-B="python3 benchmarks/video.py --segment-s 30 --minutes 10 --files 4 --work /tmp/vgw --out $OUT/video_gpu"
-timeout ${BENCH_S:-200} $B --gpu ${STEPS:-clips,decode,inproc} --sessions 1,2,4,8 --decode-frames 1000 \
+B="python3 benchmarks/video.py --segment-s ${SEG_S:-30} --minutes 10 --files 4 --work /tmp/vgw --out $OUT/video_gpu"
+# the job step runs below, on its own (a "job" in STEPS is dropped here)
+S1=$(echo ",${STEPS:-clips,decode,inproc}," | sed 's/,job,/,/; s/^,//; s/,$//')
+timeout ${BENCH_S:-200} $B --gpu "$S1" --sessions ${SESSIONS:-1,2,4,8} --decode-frames 1000 \
   --inproc ${INPROC:-nvdec:h264:4,nvdec:h264:8,nvdec:hevc:8,cpu:h264:8} --inproc-files 2 2>&1 \
   | grep -E "^(h264|hevc|inproc|clips|nvdec|wrote|Traceback|[A-Za-z]*Error)" | tail -24
 echo "bench done at $(( $(date +%s) - t0 )) s"

@@ -213,7 +213,10 @@ def build_video_dataset(cfg: JobConfig, uris: list[str]):
         },
         batch_size=cfg.video.sessions,
         batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(min_size=min(cfg.min_actors, max_size), max_size=max_size),
+        # one call (``sessions`` segments, tens of seconds) at a time per actor: a call queued
+        # behind a busy actor would wait while another actor idles
+        compute=ray.data.ActorPoolStrategy(min_size=min(cfg.min_actors, max_size), max_size=max_size,
+                                           max_tasks_in_flight_per_actor=1),
         num_cpus=cfg.num_cpus,
         num_gpus=cfg.num_gpus,
     )
