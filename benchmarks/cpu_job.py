@@ -1,6 +1,7 @@
 """Whole batch job vs engine alone on this CPU machine (issue 2's benchmark).
 
     python benchmarks/cpu_job.py [--images 240] [--repeats 3] [--batch-size 8] [--variants 1x2,2x1]
+                                 [--process-cpu]
 
 Both are measured on the same files, alternating, ``--repeats`` times; medians are
 reported. ``--variants`` lists job layouts ACTORSxTHREADS (detector actors x engine threads
@@ -59,6 +60,67 @@ def engine_only(engine: OnnxRuntimeEngine, tensors: list[np.ndarray]) -> float:
     return n / (time.perf_counter() - t0)
 
 
+class ProcessCPU:
+    """CPU seconds used by each kind of process while a job runs (``--process-cpu``): this
+    process (the driver), Ray's workers (named ``ray::...``: actors and tasks), raylet, GCS and
+    the rest, from psutil samples every ``interval`` s (a process that ends between two samples
+    loses its last interval)."""
+
+    def __init__(self, interval: float = 0.25) -> None:
+        import threading
+
+        import psutil
+
+        self.psutil, self.interval = psutil, interval
+        self.first: dict[int, float] = {}
+        self.last: dict[int, tuple[str, float]] = {}
+        self.stop = threading.Event()
+        self.sample(initial=True)
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def group(self, proc) -> str:
+        if proc.pid == os.getpid():
+            return "driver (run_job)"
+        name = proc.name()
+        cmd = " ".join(proc.cmdline()[:2])
+        if name.startswith("ray::") or "ray::" in cmd:
+            kind = name.split("::", 1)[-1] if name.startswith("ray::") else cmd
+            return "ray worker: " + ("actor (detector)" if "Detector" in kind or "MapWorker" in kind else
+                                     "idle / other" if kind in ("IDLE", "") else kind[:40])
+        if "default_worker.py" in cmd:
+            return "ray worker: starting"
+        for k in ("raylet", "gcs_server", "dashboard", "log_monitor", "monitor.py", "runtime_env"):
+            if k in name or k in cmd:
+                return k
+        return "other: " + name[:30]
+
+    def sample(self, initial: bool = False) -> None:
+        for proc in self.psutil.process_iter():
+            try:
+                t = proc.cpu_times()
+                cpu = t.user + t.system
+                key = proc.pid
+                if key not in self.first:  # a process started during the job: all of its time
+                    self.first[key] = cpu if initial else 0.0
+                self.last[key] = (self.group(proc), cpu)
+            except (self.psutil.NoSuchProcess, self.psutil.AccessDenied, self.psutil.ZombieProcess):
+                continue
+
+    def run(self) -> None:
+        while not self.stop.wait(self.interval):
+            self.sample()
+
+    def result(self) -> dict[str, float]:
+        self.stop.set()
+        self.thread.join()
+        self.sample()
+        out: dict[str, float] = {}
+        for pid, (group, cpu) in self.last.items():
+            out[group] = out.get(group, 0.0) + cpu - self.first.get(pid, 0.0)
+        return {k: round(v, 2) for k, v in sorted(out.items(), key=lambda kv: -kv[1]) if v >= 0.05}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=str(DATA / "models" / "yolov8n-random.onnx"))
@@ -67,6 +129,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--variants", default=f"1x{os.cpu_count()}",
                     help="job layouts ACTORSxTHREADS, comma-separated (first = headline)")
+    ap.add_argument("--process-cpu", action="store_true",
+                    help="also account the CPU seconds of each kind of process during each job")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "cpu_job"))
     args = ap.parse_args()
     names = args.variants.split(",")
@@ -92,12 +156,16 @@ def main() -> None:
             cfg = JobConfig(input=str(tmp / "in"), output=str(tmp / f"out{r}-{name}"),
                             detector=det_cfg.model_copy(update={"threads": threads}), progress=False,
                             concurrency=actors)
+            prof = ProcessCPU() if args.process_cpu else None
             s = run_job(cfg)
             assert s.images == len(files) and s.errors == 0, s
             runs.append({"variant": name, "engine_images_per_s": eng,
                          "job_images_per_s": s.images_per_s, "job_s": s.seconds})
+            if prof is not None:
+                runs[-1]["process_cpu_s"] = prof.result()
             print(f"run {r} {name}: engine {eng:.2f} img/s, job {s.images_per_s:.2f} img/s "
-                  f"({s.seconds:.1f} s)", flush=True)
+                  f"({s.seconds:.1f} s)" + (f" CPU s by process: {runs[-1]['process_cpu_s']}" if prof else ""),
+                  flush=True)
     ray.shutdown()
     shutil.rmtree(tmp, ignore_errors=True)
 
@@ -140,6 +208,18 @@ def main() -> None:
                   "|---|---|---|\n")
         for v, m in per.items():
             table += f"| {v} | {m['job_images_per_s_median']:.2f} | {100 * m['job_over_engine_median']:.1f} % |\n"
+    if args.process_cpu:
+        groups = sorted({g for x in runs for g in x["process_cpu_s"]},
+                        key=lambda g: -statistics.median(x["process_cpu_s"].get(g, 0.0) for x in runs))
+        table += ("\n| process (CPU seconds during the job, median of the rounds) | "
+                  + " | ".join(names) + " |\n|---|" + "---|" * len(names) + "\n")
+        for g in groups:
+            meds = [statistics.median(x["process_cpu_s"].get(g, 0.0) for x in runs if x["variant"] == n) for n in names]
+            if max(meds) >= 0.2:
+                table += f"| {g} | " + " | ".join(f"{m:.1f}" for m in meds) + " |\n"
+        job_s = [statistics.median(x["job_s"] for x in runs if x["variant"] == n) for n in names]
+        table += ("| (CPU seconds available: CPUs x job time) | "
+                  + " | ".join(f"{(os.cpu_count() or 1) * t:.1f}" for t in job_s) + " |\n")
     Path(args.out + ".md").write_text(f"# CPU job vs engine\n\n`{result['command']}`\n\n{table}")
     print(table)
 
