@@ -9,12 +9,12 @@
 #   wheels/          the bundle's wheels minus Serve's HTTP stack, haproxy and cryptography
 #                    (a Ray Data job imports none of them), plus onnx2torch (the torch engine's
 #                    ONNX converter; without it the detector runs ONNX Runtime on the CPU)
-# Variables: STEPS (clips,decode,inproc; the job step always runs after them), SESSIONS, SEG_S
-# (segment length: make segments = actors x sessions, or a multiple), JOBS, INPROC, TESTS_K,
-# TESTS_S, BENCH_S, TOTAL_S.
 #   vsite.tar.xz     PyAV 18.1.0 + PyNvVideoCodec 2.2.4 (cp312) unpacked, samples and sources
 #                    removed, shared objects stripped
 #   yolov5n-coco.onnx.xz, traffic-highway-2s.mp4   from ../shared/data
+# Variables: STEPS (clips,decode,inproc; the job step always runs after them), SESSIONS, SEG_S
+# (segment length, default 38 s: 16 segments of the 4 clips = 4 actors x 4 sessions), JOBS, INPROC, TESTS_K,
+# TESTS_S, BENCH_S, TOTAL_S.
 # Run (device tool, carry [".c15"]):  bash benchmarks/video_gpu_device.sh
 # Results: $OUT/gpu_tests.log and $OUT/video_gpu.<steps>.json; fold them with
 #   python benchmarks/video.py --merge $OUT/video_gpu.*.json --out benchmarks/results/video_gpu
@@ -38,7 +38,7 @@ timeout ${TESTS_S:-150} python3 -m pytest -q -s -rs tests/video/test_video.py -k
   -p no:cacheprovider > "$OUT/gpu_tests.log" 2>&1
 grep -v "^$" "$OUT/gpu_tests.log" | tail -12
 echo "tests done at $(( $(date +%s) - t0 )) s"
-B="python3 benchmarks/video.py --segment-s ${SEG_S:-30} --minutes 10 --files 4 --work /tmp/vgw --out $OUT/video_gpu"
+B="python3 benchmarks/video.py --segment-s ${SEG_S:-38} --minutes 10 --files 4 --work /tmp/vgw --out $OUT/video_gpu"
 # the job step runs below, on its own (a "job" in STEPS is dropped here)
 S1=$(echo ",${STEPS:-clips,decode,inproc}," | sed 's/,job,/,/; s/^,//; s/,$//')
 timeout ${BENCH_S:-200} $B --gpu "$S1" --sessions ${SESSIONS:-1,2,4,8} --decode-frames 1000 \
@@ -46,7 +46,7 @@ timeout ${BENCH_S:-200} $B --gpu "$S1" --sessions ${SESSIONS:-1,2,4,8} --decode-
   | grep -E "^(h264|hevc|inproc|clips|nvdec|wrote|Traceback|[A-Za-z]*Error)" | tail -24
 echo "bench done at $(( $(date +%s) - t0 )) s"
 timeout ${JOB_S:-$(( ${TOTAL_S:-585} - ($(date +%s) - t0) ))} $B --gpu job \
-  --jobs ${JOBS:-nvdec:h264:2:4,nvdec:h264:2:8,nvdec:h264:4:4,cpu:h264:4:4:1} 2>&1 \
+  --jobs ${JOBS:-nvdec:h264:4:4,cpu:h264:4:4,nvdec:h264:8:2,nvdec:hevc:4:4} 2>&1 \
   | grep -E "^(job|wrote|Traceback|[A-Za-z]*Error)" | tail -12
 echo "job done at $(( $(date +%s) - t0 )) s"
 ls -la "$OUT"
