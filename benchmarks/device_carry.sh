@@ -18,6 +18,7 @@ case "$WHAT" in c15|c18) ;; *) echo "unknown carry '$WHAT' (c15 or c18)" >&2; ex
 DATA=${DATA:-../shared/data}
 BUNDLE=${BUNDLE:-/tmp/rd-bundle}
 DEST=.$WHAT
+ONNX2TORCH=onnx2torch==1.5.15   # the torch engine's ONNX converter, in both carries
 PLAT=(--only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64
       --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64
       --platform manylinux1_x86_64 --platform any)
@@ -32,7 +33,7 @@ c18)
   python3 -m pip download -q --no-deps "${PLAT[@]}" -d "$DEST/whl" \
     ultralytics==8.4.190 "ultralytics-thop>=2.0.18" ultralytics-platform torch-pruning==1.6.1 nncf==3.4.0 \
     pydot openvino-telemetry "pydantic>=2.12,<3" pydantic-core annotated-types typing-inspection \
-    pycocotools onnx2torch==1.5.15
+    pycocotools "$ONNX2TORCH"
   # pydantic needs the pydantic-core its own metadata pins
   core=$(python3 - "$DEST"/whl/pydantic-2*.whl <<'PY'
 import re, sys, zipfile
@@ -100,7 +101,7 @@ c15)
   done
   # the torch engine converts the ONNX export with onnx2torch (not in the device image: without
   # it the detector falls back to ONNX Runtime on the CPU and the job measures nothing of the GPU)
-  python3 -m pip download -q --no-deps "${PLAT[@]}" -d "$DEST/wheels" onnx2torch==1.5.15
+  python3 -m pip download -q --no-deps "${PLAT[@]}" -d "$DEST/wheels" "$ONNX2TORCH"
   un=$(mktemp -d)
   xz -dc "$BUNDLE/ray-slim.tar.xz" | tar -C "$un" -xf -
   find "$un" -name "*.so*" -type f -exec strip --strip-unneeded {} + 2>/dev/null || true
