@@ -4,6 +4,7 @@
 #
 #   bash benchmarks/device_carry.sh c18   # -> .c18 for benchmarks/compress_gpu_device.sh (issue 18)
 #   bash benchmarks/device_carry.sh c15   # -> .c15 for benchmarks/video_gpu_device.sh (issue 15)
+#   BASE=main bash benchmarks/device_carry.sh c15   # ... plus main's raydetect, for BASE_JOBS
 #
 # Each folder is added to .git/info/exclude and must stay under the device tool's 64 MiB carry
 # (with the ~2 MB tree); the script prints its size and fails above 62 MiB. Delete the folders
@@ -126,6 +127,12 @@ c15)
   rm -rf "$whl" "$vs"
   xz -9 -c "$DATA/models/yolov5n-coco.onnx" > "$DEST/yolov5n-coco.onnx.xz"
   cp "$DATA/video/traffic-highway-2s.mp4" "$DEST/"
+  # BASE=<git rev>: that revision's raydetect package too, for a same-host comparison of the job
+  # (video_gpu_device.sh's BASE_JOBS run with it first on PYTHONPATH)
+  if [[ -n "${BASE:-}" ]]; then
+    mkdir -p "$DEST/base" && git archive "$BASE" raydetect | tar -x -C "$DEST/base"
+    git rev-parse "$BASE" > "$DEST/base/REV"
+  fi
   ;;
 esac
 

@@ -698,6 +698,8 @@ def gpu_main(argv: list[str]) -> None:
     ap.add_argument("--inproc", default="nvdec:h264:4,nvdec:h264:8,nvdec:hevc:8,cpu:h264:16",
                     help="decoder:codec:sessions,... of the in-process step")
     ap.add_argument("--inproc-files", type=int, default=2)
+    ap.add_argument("--tag-suffix", default="", help="appended to each job's tag (e.g. _base: other code, "
+                    "same host; such jobs are left out of the summary)")
     ap.add_argument("--jobs", default="nvdec:h264:1:4,nvdec:h264:2:4,nvdec:hevc:2:4,cpu:h264:4:4",
                     help="decoder:codec:actors:sessions[:files],... (files: the first N clips of the codec)")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "video_gpu"))
@@ -774,7 +776,7 @@ def gpu_main(argv: list[str]) -> None:
         res["job"] = {}
         for spec in args.jobs.split(","):
             decoder, codec, actors, sessions, *files = spec.split(":")
-            tag = f"{decoder}_{codec}_{actors}x{sessions}" + (f"_{files[0]}files" if files else "")
+            tag = f"{decoder}_{codec}_{actors}x{sessions}" + (f"_{files[0]}files" if files else "") + args.tag_suffix
             try:
                 paths = clips[codec]["files"][: int(files[0])] if files else clips[codec]["files"]
                 r = ray_job(paths, decoder, int(actors), int(sessions), args, tag)
@@ -801,9 +803,10 @@ def merge_gpu(files: list[str], out: Path) -> None:
     jobs = r.get("job", {})
     dec = r.get("decode", {})
     summary = []
+    mine = [j for j in jobs.values() if not j.get("tag", "").endswith("_base")]  # _base: a comparison's other code
     for codec in ("h264", "hevc"):
-        nv = [j for j in jobs.values() if j.get("decoder") == "nvdec" and f"_{codec}_" in j["tag"] and j.get("fps_steady")]
-        cpu = [j for j in jobs.values() if j.get("decoder") == "cpu" and f"_{codec}_" in j["tag"] and j.get("fps_steady")]
+        nv = [j for j in mine if j.get("decoder") == "nvdec" and f"_{codec}_" in j["tag"] and j.get("fps_steady")]
+        cpu = [j for j in mine if j.get("decoder") == "cpu" and f"_{codec}_" in j["tag"] and j.get("fps_steady")]
         kind = "ray_data_job"
         if not nv:  # no Ray job ran: the in-process decode + detect (the actor's code without Ray)
             kind = "in_process_no_ray"

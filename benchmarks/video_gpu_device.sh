@@ -14,7 +14,9 @@
 #   yolov5n-coco.onnx.xz, traffic-highway-2s.mp4   from ../shared/data
 # Variables: STEPS (clips,decode,inproc; the job step always runs after them), SESSIONS, SEG_S
 # (segment length, default 38 s: 16 segments of the 4 clips = 4 actors x 4 sessions), JOBS, INPROC, TESTS_K,
-# TESTS_S, BENCH_S, TOTAL_S.
+# TESTS_S, BENCH_S, TOTAL_S, CODECS (default h264,hevc), BASE_JOBS (jobs run after JOBS with the
+# raydetect of $C/base, when the carry has one: BASE=<rev> device_carry.sh; results in
+# $OUT/video_gpu_base.job.json).
 # Run (device tool, carry [".c15"]):  bash benchmarks/video_gpu_device.sh
 # Results: $OUT/gpu_tests.log and $OUT/video_gpu.<steps>.json; fold them with
 #   python benchmarks/video.py --merge $OUT/video_gpu.*.json --out benchmarks/results/video_gpu
@@ -38,15 +40,21 @@ timeout ${TESTS_S:-150} python3 -m pytest -q -s -rs tests/video/test_video.py -k
   -p no:cacheprovider > "$OUT/gpu_tests.log" 2>&1
 grep -v "^$" "$OUT/gpu_tests.log" | tail -12
 echo "tests done at $(( $(date +%s) - t0 )) s"
-B="python3 benchmarks/video.py --segment-s ${SEG_S:-38} --minutes 10 --files 4 --work /tmp/vgw --out $OUT/video_gpu"
+B="python3 benchmarks/video.py --segment-s ${SEG_S:-38} --minutes 10 --files 4 --work /tmp/vgw --codecs ${CODECS:-h264,hevc}"
 # the job step runs below, on its own (a "job" in STEPS is dropped here)
 S1=$(echo ",${STEPS:-clips,decode,inproc}," | sed 's/,job,/,/; s/^,//; s/,$//')
-timeout ${BENCH_S:-200} $B --gpu "$S1" --sessions ${SESSIONS:-1,2,4,8} --decode-frames 1000 \
+timeout ${BENCH_S:-200} $B --out $OUT/video_gpu --gpu "$S1" --sessions ${SESSIONS:-1,2,4,8} --decode-frames 1000 \
   --inproc ${INPROC:-nvdec:h264:4,nvdec:h264:8,nvdec:hevc:8,cpu:h264:8} --inproc-files 2 2>&1 \
   | grep -E "^(h264|hevc|inproc|clips|nvdec|wrote|Traceback|[A-Za-z]*Error)" | tail -24
 echo "bench done at $(( $(date +%s) - t0 )) s"
-timeout ${JOB_S:-$(( ${TOTAL_S:-585} - ($(date +%s) - t0) ))} $B --gpu job \
+timeout ${JOB_S:-$(( ${TOTAL_S:-585} - ($(date +%s) - t0) ))} $B --out $OUT/video_gpu --gpu job \
   --jobs ${JOBS:-nvdec:h264:4:4,cpu:h264:4:4,nvdec:h264:8:2,nvdec:hevc:4:4} 2>&1 \
   | grep -E "^(job|wrote|Traceback|[A-Za-z]*Error)" | tail -12
 echo "job done at $(( $(date +%s) - t0 )) s"
+if [[ -n "${BASE_JOBS:-}" && -d "$C/base/raydetect" ]]; then
+  echo "base code: $(cat "$C/base/REV" 2>/dev/null)"
+  PYTHONPATH="$C/base:$PYTHONPATH" timeout $(( ${TOTAL_S:-585} - ($(date +%s) - t0) )) $B --out $OUT/video_gpu_base \
+    --gpu job --tag-suffix _base --jobs "$BASE_JOBS" 2>&1 | grep -E "^(job|wrote|Traceback|[A-Za-z]*Error)" | tail -8
+  echo "base jobs done at $(( $(date +%s) - t0 )) s"
+fi
 ls -la "$OUT"
