@@ -14,7 +14,7 @@
 #   yolov5n-coco.onnx.xz, traffic-highway-2s.mp4   from ../shared/data
 # Variables: STEPS (clips,decode,inproc; the job step always runs after them), SESSIONS, SEG_S
 # (segment length, default 38 s: 16 segments of the 4 clips = 4 actors x 4 sessions), JOBS, INPROC, TESTS_K,
-# TESTS_S, BENCH_S, TOTAL_S, CODECS (default h264,hevc), BASE_JOBS (jobs run after JOBS with the
+# TESTS_S, BENCH_S, TOTAL_S, MINUTES (footage per codec, default 10), CODECS (default h264,hevc), BASE_JOBS (jobs run after JOBS with the
 # raydetect of $C/base, when the carry has one: BASE=<rev> device_carry.sh; results in
 # $OUT/video_gpu_base.job.json).
 # Run (device tool, carry [".c15"]):  bash benchmarks/video_gpu_device.sh
@@ -40,7 +40,7 @@ timeout ${TESTS_S:-150} python3 -m pytest -q -s -rs tests/video/test_video.py -k
   -p no:cacheprovider > "$OUT/gpu_tests.log" 2>&1
 grep -v "^$" "$OUT/gpu_tests.log" | tail -12
 echo "tests done at $(( $(date +%s) - t0 )) s"
-B="python3 benchmarks/video.py --segment-s ${SEG_S:-38} --minutes 10 --files 4 --work /tmp/vgw --codecs ${CODECS:-h264,hevc}"
+B="python3 benchmarks/video.py --segment-s ${SEG_S:-38} --minutes ${MINUTES:-10} --files 4 --work /tmp/vgw --codecs ${CODECS:-h264,hevc}"
 # the job step runs below, on its own (a "job" in STEPS is dropped here)
 S1=$(echo ",${STEPS:-clips,decode,inproc}," | sed 's/,job,/,/; s/^,//; s/,$//')
 timeout ${BENCH_S:-200} $B --out $OUT/video_gpu --gpu "$S1" --sessions ${SESSIONS:-1,2,4,8} --decode-frames 1000 \

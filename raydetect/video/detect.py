@@ -29,7 +29,6 @@ from raydetect.config import StorageConfig, VideoConfig
 from raydetect.types import FrameResult, ImageResult
 from raydetect.video.decode import DecodeStats, Selected, iter_segment_frames, select_frames, truncation_error
 from raydetect.video.gate import MotionGate
-from raydetect.video.nvdec import NvdecFrame, frames_to_rgb
 from raydetect.video.probe import VideoError, VideoInfo, open_video, stream_info
 from raydetect.video.segments import Sampler, Segment, plan_segments
 
@@ -179,12 +178,9 @@ def _produce(run: _Run, video: VideoConfig, storage: StorageConfig | None, put, 
                     if not sel.decision.process:
                         put(("skip", run, sel, None))
                         continue
-                    if tensors and dec == "nvdec":
-                        # NV12 on the GPU: the batcher converts the frames of all sessions at once
-                        put(("frame", run, sel, sel.frame))
-                        continue
                     t0 = time.perf_counter()
-                    pixels = sel.frame.bgr()  # BGR on the host, for a CPU detector (or CPU decode)
+                    # GPU frames go to a GPU detector as RGB device tensors; otherwise BGR on the host
+                    pixels = sel.frame.rgb() if (tensors and dec == "nvdec") else sel.frame.bgr()
                     run.convert_s += time.perf_counter() - t0
                     put(("frame", run, sel, pixels))
             d = run.dstats
@@ -296,17 +292,8 @@ def _run_batched(detector, runs: list[_Run], video: VideoConfig, storage: Storag
     def flush() -> None:
         if not pending:
             return
-        pixels = [p for _, _, p in pending]
-        nv = [k for k, p in enumerate(pixels) if isinstance(p, NvdecFrame)]
-        if nv:  # NV12 → RGB on the GPU, one batched conversion for the frames of every session
-            t0 = time.perf_counter()
-            for k, t in zip(nv, frames_to_rgb([pixels[k] for k in nv]), strict=True):
-                pixels[k] = t
-            share = (time.perf_counter() - t0) / len(nv)
-            for k in nv:
-                pending[k][0].convert_s += share
         t0 = time.perf_counter()
-        results = detector.detect(pixels, [r.task.uri for r, _, _ in pending])
+        results = detector.detect([p for _, _, p in pending], [r.task.uri for r, _, _ in pending])
         share = (time.perf_counter() - t0) / len(pending)
         for (run, sel, _), res in zip(pending, results, strict=True):
             run.rows.append(_frame_row(run.task, sel, res, None))

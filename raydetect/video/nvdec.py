@@ -31,14 +31,11 @@ from __future__ import annotations
 import functools
 import importlib.util
 import io
-import logging
 import math
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
-
-log = logging.getLogger(__name__)
 
 #: PyAV codec name → PyNvVideoCodec ``cudaVideoCodec`` member.
 NVDEC_CODECS = {
@@ -131,47 +128,20 @@ def matrix_of(colorspace: int | None) -> str:
 
 def nv12_to_rgb(nv12, height: int, width: int, matrix: str = "bt601"):
     """NV12 ``[h * 3 / 2, w]`` uint8 (limited range) → RGB ``[3, h, w]`` uint8, on the tensor's
-    device; nearest chroma, as swscale's default conversion. A stack of frames ``[n, h * 3 / 2,
-    w]`` gives ``[n, 3, h, w]`` (the same arithmetic per element: equal to converting each)."""
+    device; nearest chroma, as swscale's default conversion."""
     import torch
 
     kr, kb = _MATRICES[matrix]
     kg = 1.0 - kr - kb
-    lead = nv12.shape[:-2]
-    y = (nv12[..., :height, :].to(torch.float32) - 16.0) * (255.0 / 219.0)
-    uv = nv12[..., height : height + height // 2, :].reshape(*lead, height // 2, width // 2, 2).to(torch.float32)
-    uv = (uv - 128.0) * (255.0 / 224.0)
-    uv = uv.repeat_interleave(2, -3).repeat_interleave(2, -2)[..., :height, :width, :]
+    y = (nv12[:height].to(torch.float32) - 16.0) * (255.0 / 219.0)
+    uv = nv12[height : height + height // 2].view(height // 2, width // 2, 2).to(torch.float32) - 128.0
+    uv = uv * (255.0 / 224.0)
+    uv = uv.repeat_interleave(2, 0).repeat_interleave(2, 1)[:height, :width]
     u, v = uv[..., 0], uv[..., 1]
     r = y + (2.0 - 2.0 * kr) * v
     b = y + (2.0 - 2.0 * kb) * u
     g = y - (2.0 * kb * (1.0 - kb) / kg) * u - (2.0 * kr * (1.0 - kr) / kg) * v
-    return torch.stack((r, g, b), dim=-3).round_().clamp_(0, 255).to(torch.uint8)
-
-
-def frames_to_rgb(frames: list[NvdecFrame], chunk: int = 16) -> list:
-    """RGB ``[3, h, w]`` uint8 tensors of ``frames`` (decoded by any sessions), converted on the
-    caller's current stream in one batched conversion per frame size and matrix: about 15
-    kernel launches per group instead of per frame, the host work of a frame in the video job.
-    Equal to :meth:`NvdecFrame.rgb` of each frame."""
-    import torch
-
-    out: list = [None] * len(frames)
-    groups: dict[tuple[int, int, str, tuple[int, ...]], list[int]] = {}
-    for i, f in enumerate(frames):
-        groups.setdefault((f.height, f.width, f.matrix, tuple(f.nv12.shape)), []).append(i)
-    for (h, w, matrix, _), idx in groups.items():
-        caller = torch.cuda.current_stream(frames[idx[0]].nv12.device) if frames[idx[0]].nv12.is_cuda else None
-        if caller is not None:
-            for i in idx:  # made on a session's stream, read on this one: keep the memory until done
-                frames[i].nv12.record_stream(caller)
-        for c in range(0, len(idx), chunk):  # bounded: the float intermediates are ~70 B per pixel
-            part = idx[c : c + chunk]
-            nv12 = frames[part[0]].nv12[None] if len(part) == 1 else torch.stack([frames[i].nv12 for i in part])
-            rgb = nv12_to_rgb(nv12, h, w, matrix)
-            for k, i in enumerate(part):
-                out[i] = rgb[k]
-    return out
+    return torch.stack((r, g, b)).round_().clamp_(0, 255).to(torch.uint8)
 
 
 @functools.lru_cache(maxsize=8)
@@ -230,35 +200,18 @@ def grey_thumbnail_gpu(luma, width: int) -> np.ndarray:
 class NvdecFrame:
     """One decoded frame in GPU memory (NV12); pixels are converted on the device on request."""
 
-    __slots__ = ("nv12", "pts", "width", "height", "matrix", "stream")
+    __slots__ = ("nv12", "pts", "width", "height", "matrix")
 
-    def __init__(self, nv12, pts: int, width: int, height: int, matrix: str = "bt601", stream=None) -> None:
+    def __init__(self, nv12, pts: int, width: int, height: int, matrix: str = "bt601") -> None:
         self.nv12 = nv12
         self.pts = pts
         self.width = width
         self.height = height
         self.matrix = matrix
-        self.stream = stream  # the decoder session's CUDA stream (None: the current one)
 
     def rgb(self):
-        """RGB ``[3, h, w]`` uint8 CUDA tensor (the detector's GPU stage takes it as is), ready for
-        use on the caller's current stream, in this thread or another one's default stream.
-
-        The conversion runs on the session's stream; the caching allocator is told that the
-        caller's stream uses the result, so its memory is not reused by the session before the
-        caller's work queued at its release is done."""
-        if self.stream is None:
-            return nv12_to_rgb(self.nv12, self.height, self.width, self.matrix)
-        import torch
-
-        caller = torch.cuda.current_stream(self.nv12.device)
-        with torch.cuda.stream(self.stream):
-            t = nv12_to_rgb(self.nv12, self.height, self.width, self.matrix)
-        t.record_stream(caller)
-        if caller != torch.cuda.default_stream(self.nv12.device):
-            t.record_stream(torch.cuda.default_stream(self.nv12.device))  # the batcher's thread
-        self.stream.synchronize()
-        return t
+        """RGB ``[3, h, w]`` uint8 CUDA tensor (the detector's GPU stage takes it as is)."""
+        return nv12_to_rgb(self.nv12, self.height, self.width, self.matrix)
 
     def bgr(self) -> np.ndarray:
         """HWC BGR on the host (for a detector on the CPU data path)."""
@@ -315,18 +268,8 @@ class NvdecPacketDecoder:
 
             self.bsf = BitStreamFilterContext(ANNEXB_FILTERS[codec], stream)
         self._nvc = nvc
-        # The session's own CUDA stream: the decoder's post-processing and copy, our copy of its
-        # surface and the colour conversion run on it, so waiting for a frame waits for this
-        # session's work only, not for the detector's kernels (or other sessions') on the default
-        # stream, which every session of an actor used to synchronise per frame.
-        kw = {"gpuid": self.gpu_id, "codec": _codec_enum(nvc, NVDEC_CODECS[codec]), "usedevicememory": True}
-        self.stream = torch.cuda.Stream(self.device)
-        try:
-            self.decoder = nvc.CreateDecoder(**kw, cudastream=int(self.stream.cuda_stream))
-        except Exception as e:  # a PyNvVideoCodec that refuses the stream: the current stream, as before
-            log.warning("NVDEC session on the current CUDA stream (PyNvVideoCodec refused its own: %s)", e)
-            self.stream = None
-            self.decoder = nvc.CreateDecoder(**kw)
+        self.decoder = nvc.CreateDecoder(gpuid=self.gpu_id, codec=_codec_enum(nvc, NVDEC_CODECS[codec]),
+                                         usedevicememory=True)
         self.frames = 0
         self._discard: set[int] = set()
 
@@ -362,17 +305,15 @@ class NvdecPacketDecoder:
         else:
             out = self._feed(np.frombuffer(packet, np.uint8), packet.pts)
         frames = []
-        with torch.cuda.stream(self.stream):  # (None: the current stream)
-            for f in out:
-                pts = int(f.getPTS())
-                if pts in self._discard:
-                    self._discard.remove(pts)
-                    continue
-                frames.append(NvdecFrame(self._nv12(f), pts, self.width, self.height, self.matrix, self.stream))
+        for f in out:
+            pts = int(f.getPTS())
+            if pts in self._discard:
+                self._discard.remove(pts)
+                continue
+            frames.append(NvdecFrame(self._nv12(f), pts, self.width, self.height, self.matrix))
         if frames:
             # the decoder reuses its output surfaces: our copies must be done before the next call
-            # (and then the NV12 copies may be read on any stream)
-            (self.stream or torch.cuda.current_stream(self.device)).synchronize()
+            torch.cuda.current_stream(self.device).synchronize()
         self.frames += len(frames)
         return frames
 

@@ -56,12 +56,17 @@ def plan_segments(
     """Cut ``[origin, end_pts)`` into segments of ``segment_s`` seconds.
 
     Boundaries are ``origin + k * L`` with ``L`` the segment length in ticks. The first segment
-    is open below and the last open above. With an unknown ``end_pts`` (no duration in the
-    headers) the whole stream is one segment."""
+    is open below and the last open above. A remainder shorter than a quarter of ``L`` joins the
+    last full segment (a 601 s file cut at 150 s gives 4 segments, not 4 and a 1 s one: a segment
+    costs a seek, a decoder start and a place in an actor's batch, and a tail of a few frames would
+    add a wave of calls to a job whose segments otherwise fill its actors' slots exactly). With an
+    unknown ``end_pts`` (no duration in the headers) the whole stream is one segment."""
     length = segment_length_pts(segment_s, time_base)
     if end_pts is None or end_pts <= origin:
         return [Segment(0, None, None)]
     n = max(1, math.ceil((end_pts - origin) / length))
+    if n > 1 and 4 * (end_pts - origin - (n - 1) * length) < length:
+        n -= 1
     return [
         Segment(k, None if k == 0 else origin + k * length, None if k == n - 1 else origin + (k + 1) * length)
         for k in range(n)

@@ -95,6 +95,12 @@ def test_plan_segments_cover_every_pts_once():
     assert len(plan_segments(0, 7 * 12800, tb, 60)) == 1
     # 0.1 s is exactly 1280 ticks (decimal, not the binary float 0.1)
     assert plan_segments(0, 12800, tb, 0.1)[1].start == 1280
+    # a remainder under a quarter of a segment joins the last one (still open above)
+    tail = plan_segments(0, 601 * 12800, tb, 150)
+    assert [(s.start, s.end) for s in tail] == [(None, 150 * 12800), (150 * 12800, 300 * 12800),
+                                                (300 * 12800, 450 * 12800), (450 * 12800, None)]
+    assert len(plan_segments(0, 637 * 12800, tb, 150)) == 4  # 37 s < 37.5 s: joins
+    assert len(plan_segments(0, 638 * 12800, tb, 150)) == 5  # 38 s: a segment of its own
 
 
 def test_sampling_by_fps_is_first_frame_at_or_after_each_instant():
@@ -468,29 +474,6 @@ def test_device_colour_conversion_and_thumbnail_match_pyav():
             thumb = grey_thumbnail_gpu(torch.from_numpy(nv12[: f.height]), 64)
             assert np.array_equal(thumb, grey_thumbnail(f.to_ndarray(format="gray"), 64)), size
 
-
-@pytest.mark.skipif(not CLIP.exists(), reason="the traffic clip is not in the test data")
-def test_batched_colour_conversion_equals_per_frame():
-    """The video job converts the NV12 frames of all sessions in one batch per size and matrix
-    (frames_to_rgb): bit-equal to converting each frame, order kept across mixed sizes and
-    matrices, whatever the chunking."""
-    torch = pytest.importorskip("torch")
-    from raydetect.video.nvdec import NvdecFrame, frames_to_rgb, nv12_to_rgb
-
-    frames = []
-    for k, size in enumerate((None, (854, 480), None, (854, 480), None)):
-        for f in list(_real_frames(step=12, size=size))[:3]:
-            nv12 = torch.from_numpy(f.to_ndarray(format="nv12"))
-            frames.append(NvdecFrame(nv12, len(frames), f.width, f.height, "bt709" if k == 2 else "bt601"))
-    assert len({(f.width, f.matrix) for f in frames}) == 3
-    for chunk in (1, 2, 16):
-        got = frames_to_rgb(frames, chunk=chunk)
-        assert len(got) == len(frames)
-        for f, t in zip(frames, got, strict=True):
-            assert torch.equal(t, nv12_to_rgb(f.nv12, f.height, f.width, f.matrix)), (chunk, f.pts)
-            assert torch.equal(t, f.rgb())
-    stack = torch.stack([f.nv12 for f in frames[:3]])
-    assert nv12_to_rgb(stack, frames[0].height, frames[0].width).shape == (3, 3, frames[0].height, frames[0].width)
 
 def test_annexb_packets_carry_the_pts_of_pyav_frames(tmp_path):
     """What the NVDEC path relies on: after the Annex B filter, each packet's PTS is the PTS
