@@ -699,15 +699,17 @@ def gpu_main(argv: list[str]) -> None:
                     help="decoder:codec:sessions,... of the in-process step")
     ap.add_argument("--inproc-files", type=int, default=2)
     ap.add_argument("--tag-suffix", default="", help="appended to each job's tag (e.g. _base: other code, "
-                    "same host; such jobs are left out of the summary)")
+                    "same host; --merge leaves such jobs out of the summary)")
     ap.add_argument("--jobs", default="nvdec:h264:1:4,nvdec:h264:2:4,nvdec:hevc:2:4,cpu:h264:4:4",
                     help="decoder:codec:actors:sessions[:files],... (files: the first N clips of the codec)")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "video_gpu"))
     ap.add_argument("--merge", nargs="*", help="step JSON files to fold into --out (no runs)")
+    ap.add_argument("--summary-skip", default="_base", help="with --merge: jobs whose tag ends with one "
+                    "of these (comma-separated) are listed but left out of the summary (other code)")
     args = ap.parse_args(argv)
     out = Path(args.out)
     if args.merge is not None:
-        return merge_gpu(args.merge, out)
+        return merge_gpu(args.merge, out, tuple(x for x in args.summary_skip.split(",") if x))
     steps = args.gpu.split(",")
     work = Path(args.work)
     codecs = args.codecs.split(",")
@@ -791,7 +793,7 @@ def gpu_main(argv: list[str]) -> None:
     print("wrote", step_out)
 
 
-def merge_gpu(files: list[str], out: Path) -> None:
+def merge_gpu(files: list[str], out: Path, skip: tuple[str, ...] = ("_base",)) -> None:
     """Fold step results into ``out.json|md`` with the ``summary`` object of issue 15."""
     r: dict = {"runs": []}
     for f in files:
@@ -803,7 +805,7 @@ def merge_gpu(files: list[str], out: Path) -> None:
     jobs = r.get("job", {})
     dec = r.get("decode", {})
     summary = []
-    mine = [j for j in jobs.values() if not j.get("tag", "").endswith("_base")]  # _base: a comparison's other code
+    mine = [j for j in jobs.values() if not j.get("tag", "").endswith(skip)]  # e.g. _base: a comparison's other code
     for codec in ("h264", "hevc"):
         nv = [j for j in mine if j.get("decoder") == "nvdec" and f"_{codec}_" in j["tag"] and j.get("fps_steady")]
         cpu = [j for j in mine if j.get("decoder") == "cpu" and f"_{codec}_" in j["tag"] and j.get("fps_steady")]
