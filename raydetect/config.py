@@ -170,7 +170,10 @@ class VideoConfig(_Strict):
     """Video inputs of the batch job (see :mod:`raydetect.video`): segmenting, sampling and
     motion gating."""
 
-    segment_s: float = Field(60.0, gt=0.0, le=86_400.0, description="Seconds of video per Ray Data row")
+    segment_s: float = Field(
+        60.0, gt=0.0, le=86_400.0,
+        description="Seconds of video per Ray Data row (a remainder under a quarter of it joins the last segment)",
+    )
     fps: float | None = Field(None, gt=0.0, le=1000.0, description="Sample at most F frames per second")
     every: int | None = Field(None, ge=1, description="Keep every N-th frame (index from PTS)")
     gate: bool = Field(False, description="Skip frames that barely differ from the last processed one")
