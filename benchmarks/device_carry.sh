@@ -5,6 +5,7 @@
 #   bash benchmarks/device_carry.sh c18   # -> .c18 for benchmarks/compress_gpu_device.sh (issue 18)
 #   bash benchmarks/device_carry.sh c15   # -> .c15 for benchmarks/video_gpu_device.sh (issue 15)
 #   BASE=main bash benchmarks/device_carry.sh c15   # ... plus main's raydetect, for BASE_JOBS
+#   bash benchmarks/device_carry.sh c12   # -> .c12 for benchmarks/gpu_device.sh (issues 12 and 16)
 #
 # Each folder is added to .git/info/exclude and must stay under the device tool's 64 MiB carry
 # (with the ~2 MB tree); the script prints its size and fails above 62 MiB. Delete the folders
@@ -14,8 +15,8 @@
 # bundle with ../shared/device/bundle.sh first, cached in $BUNDLE).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-WHAT=${1:?usage: device_carry.sh c15|c18}
-case "$WHAT" in c15|c18) ;; *) echo "unknown carry '$WHAT' (c15 or c18)" >&2; exit 2 ;; esac
+WHAT=${1:?usage: device_carry.sh c12|c15|c18}
+case "$WHAT" in c12|c15|c18) ;; *) echo "unknown carry '$WHAT' (c12, c15 or c18)" >&2; exit 2 ;; esac
 DATA=${DATA:-../shared/data}
 BUNDLE=${BUNDLE:-/tmp/rd-bundle}
 DEST=.$WHAT
@@ -133,6 +134,35 @@ c15)
     mkdir -p "$DEST/base" && git archive "$BASE" raydetect | tar -x -C "$DEST/base"
     git rev-parse "$BASE" > "$DEST/base/REV"
   fi
+  ;;
+c12)
+  # Ray Data + Serve (the whole bundle: the shared-pool benchmark serves HTTP through haproxy),
+  # onnx2torch, nvImageCodec + nvJPEG (the hardware JPEG decoder), the trained defect model and
+  # the photos the benchmarks' JPEG sets are made from.
+  bash ../shared/device/bundle.sh "$BUNDLE"
+  mkdir -p "$DEST/wheels"
+  cp "$BUNDLE"/wheels/*.whl "$DEST/wheels/"
+  python3 -m pip download -q --no-deps "${PLAT[@]}" -d "$DEST/wheels" "$ONNX2TORCH"
+  un=$(mktemp -d)
+  xz -dc "$BUNDLE/ray-slim.tar.xz" | tar -C "$un" -xf -
+  find "$un" -name "*.so*" -type f -exec strip --strip-unneeded {} + 2>/dev/null || true
+  strip --strip-unneeded "$un"/ray/core/src/ray/raylet/raylet "$un"/ray/core/src/ray/gcs/gcs_server 2>/dev/null || true
+  tar -C "$un" -cf - . | xz -T0 -9 > "$DEST/ray-slim.tar.xz"
+  rm -rf "$un"
+  # nvImageCodec for CPython 3.12 with only its nvJPEG extension (the hardware and CUDA JPEG
+  # decoders; not the OpenCV, TIFF, JPEG 2000 ones), and libnvjpeg.so.13 (found on sys.path by
+  # raydetect.stages.gpu_preprocess._preload_nvjpeg)
+  whl=$(mktemp -d); ns=$(mktemp -d)
+  python3 -m pip download -q --no-deps "${PLAT[@]}" -d "$whl" nvidia-nvimgcodec-cu13==0.9.0.20 "nvidia-nvjpeg==13.2.*"
+  for w in "$whl"/*.whl; do python3 -m zipfile -e "$w" "$ns"; done
+  find "$ns/nvidia/nvimgcodec" -name "nvimgcodec_impl.cpython-*.so" ! -name "*cpython-312-*" -delete
+  find "$ns/nvidia/nvimgcodec/extensions" -name "*.so*" ! -name "libnvjpeg_ext.so*" -delete
+  rm -rf "$ns/nvidia/nvimgcodec/tools" "$ns/nvidia/nvimgcodec/include" "$ns/nvidia/cu13/include"
+  find "$ns" -name "*.so*" -type f -exec strip --strip-unneeded {} + 2>/dev/null || true
+  tar -C "$ns" -cf - . | xz -T0 -9 > "$DEST/nvimg.tar.xz"
+  rm -rf "$whl" "$ns"
+  xz -9 -c "$DATA/models/yolov8n-defects.onnx" > "$DEST/yolov8n-defects.onnx.xz"
+  mkdir -p "$DEST/images" && cp "$DATA"/images/*.jpg "$DEST/images/"
   ;;
 esac
 

@@ -355,6 +355,32 @@ def test_nvimgcodec_decode_vs_cpu_decode():
     _compare_with_cpu_decoder(items, decoded, rep)
 
 
+def test_nvimgcodec_threads_decode_at_once():
+    """The threads of an actor (actor_concurrency) share one preprocessor; each gets a decoder of
+    its own, so they decode at the same time and get what one thread gets."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from raydetect.stages.gpu_preprocess import nvimgcodec_status
+
+    why = nvimgcodec_status()
+    if why is not None:
+        pytest.skip(why)
+    items = [p.read_bytes() for p in sorted((DEFECTS / "images" / "test").glob("*.jpg"))[:32]]
+    pp = GpuPreprocessor((640, 640), device="cuda", decoder="nvimgcodec")
+    ref = pp.prepare(items).tensor.cpu()
+
+    def run(_):
+        p = pp.prepare(items)
+        torch.cuda.current_stream().synchronize()
+        return p.decoder_counts(), p.tensor.cpu()
+
+    with ThreadPoolExecutor(4) as ex:
+        outs = list(ex.map(run, range(16)))
+    for counts, t in outs:
+        assert counts == {"nvimgcodec": len(items)}, counts
+        assert torch.equal(t, ref)
+
+
 def test_auto_picks_torch_on_cuda():
     try:
         import tensorrt  # noqa: F401

@@ -51,7 +51,8 @@ __all__ = ["GPU_DECODERS", "GpuPreprocessor", "PreparedBatch", "letterbox_tensor
 #: second (21.8k vs 18.4k on an H200), but inside the detector's prepare stage it measured slower
 #: (0.142 vs 0.112 ms per image, H100, benchmarks/results/gpu_pipeline.md), and one decoder
 #: object must not decode from two threads at once (its hardware decoder failed with "nvjpeg error
-#: #6" in a threaded Ray actor): calls are serialised per preprocessor.
+#: #6" in a threaded Ray actor): each thread gets a decoder of its own (until 2026-12-07 the
+#: calls were serialised on one, which the Ray job with nvImageCodec measured with).
 GPU_DECODERS = ("auto", "nvimgcodec", "nvjpeg", "cpu")
 
 
@@ -262,8 +263,10 @@ class GpuPreprocessor:
             raise ValueError(why)
         #: the GPU JPEG decoder in use: "nvimgcodec", "nvjpeg" or "cpu" (none)
         self.decoder = decoder
-        self._nvimg = None  # nvImageCodec decoder and its decode parameters, made at first use
-        self._nvimg_lock = threading.Lock()  # one decode at a time per nvImageCodec decoder
+        # nvImageCodec decoder and its decode parameters, one per thread, made at its first use: one
+        # decoder must not decode from two threads at once ("nvjpeg error #6" in a threaded actor),
+        # and a lock around a shared one made the threads of an actor take turns
+        self._nvimg = threading.local()
         self.progressive_on_gpu = progressive_on_gpu
         #: CPU decodes (fallbacks) run in these threads (OpenCV releases the GIL), while
         #: nvJPEG decodes the rest of the batch.
@@ -374,7 +377,7 @@ class GpuPreprocessor:
         stream; None for images it cannot decode."""
         from nvidia import nvimgcodec
 
-        if self._nvimg is None:
+        if getattr(self._nvimg, "dec", None) is None:
             dec = nvimgcodec.Decoder(
                 device_id=self.device.index if self.device.index is not None else torch.cuda.current_device(),
                 backends=[nvimgcodec.Backend(nvimgcodec.BackendKind.HW_GPU_ONLY),
@@ -383,13 +386,12 @@ class GpuPreprocessor:
             # as OpenCV's output: no EXIF rotation (those JPEGs go to the CPU anyway), sRGB, uint8
             params = nvimgcodec.DecodeParams(apply_exif_orientation=False, color_spec=nvimgcodec.ColorSpec.SRGB,
                                              allow_any_depth=False, sample_format=nvimgcodec.SampleFormat.P_RGB)
-            self._nvimg = (dec, params)
-        dec, params = self._nvimg
+            self._nvimg.dec, self._nvimg.params = dec, params
+        dec, params = self._nvimg.dec, self._nvimg.params
         stream = torch.cuda.current_stream(self.device)
         try:
-            with self._nvimg_lock:
-                imgs = dec.decode([nvimgcodec.CodeStream(d) for d in datas], params=params,
-                                  cuda_stream=stream.cuda_stream)
+            imgs = dec.decode([nvimgcodec.CodeStream(d) for d in datas], params=params,
+                              cuda_stream=stream.cuda_stream)
         except Exception as e:
             res.notes.append(f"nvImageCodec batch decode failed ({type(e).__name__}: {e}); trying nvJPEG")
             return self._nvjpeg(datas, res)

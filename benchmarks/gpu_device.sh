@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Issues 12 and 16 on a one-GPU device machine, in one call: the GPU tests of the JPEG decoders,
+# benchmarks/gpu_pipeline.py (engine, ready, Ray Data job) and benchmarks/shared_pool.py.
+#
+# The carry folder C (default .c12, git-ignored; built by `bash benchmarks/device_carry.sh c12`)
+# holds Ray 2.60 (Data + Serve) with the bundle's wheels and onnx2torch, nvImageCodec + nvJPEG
+# (nvimg.tar.xz), the trained defect model (yolov8n-defects.onnx.xz) and the photos (images/).
+# Variables: STEPS (tests,pipeline,pool; default all three), FILES (JPEGs per set; default 40000:
+# ~10 s of steady state at 4k images/s), POOL_FILES (shared_pool.py, default 20000), E2E (gpu_pipeline.py variants), SECTIONS
+# (gpu_pipeline.py sections, default engine,ready,e2e), POOL_S (seconds kept for the pool step when
+# the pipeline step runs), TESTS_K, TOTAL_S.
+# Run (device tool, carry [".c12"]):  bash benchmarks/gpu_device.sh
+# Results: $OUT/gpu_pipeline_dev.json|md, $OUT/shared_pool_gpu.json|md, $OUT/gpu_tests.log.
+set -u
+C=${C:-.c12}
+OUT=${OUT:-/tmp/out}
+STEPS=${STEPS:-tests,pipeline,pool}
+mkdir -p "$OUT" /tmp/site /tmp/data/models
+export PYTHONUNBUFFERED=1 RAYDETECT_TEST_DATA=/tmp/data RAY_DEDUP_LOGS=0
+t0=$(date +%s)
+left() { echo $(( ${TOTAL_S:-585} - ($(date +%s) - t0) )); }
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site "$C"/wheels/*.whl \
+  2>&1 | grep -v "already exists" || true
+tar -C /tmp/site -xJf "$C/ray-slim.tar.xz" || exit 3
+tar -C /tmp/site -xJf "$C/nvimg.tar.xz" || exit 3
+chmod +x /tmp/site/ray/core/src/ray/raylet/raylet /tmp/site/ray/core/src/ray/gcs/gcs_server
+xz -dc "$C/yolov8n-defects.onnx.xz" > /tmp/data/models/yolov8n-defects.onnx
+rm -rf /tmp/data/images && cp -r "$C/images" /tmp/data/images
+export PYTHONPATH=/tmp/site:$PWD
+echo "installed in $(( $(date +%s) - t0 )) s"
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+python3 -c "import torch, ray; from raydetect.stages.gpu_preprocess import nvimgcodec_status as s; print(torch.__version__, ray.__version__, s())" 2>&1 | tail -2
+M=/tmp/data/models/yolov8n-defects.onnx
+if [[ ",$STEPS," == *,tests,* ]]; then
+  timeout 120 python3 -m pytest -q -s -rs tests/test_gpu.py -k "${TESTS_K:-nvimgcodec}" -p no:cacheprovider \
+    > "$OUT/gpu_tests.log" 2>&1
+  grep -v "^$" "$OUT/gpu_tests.log" | tail -6
+  echo "tests done at $(( $(date +%s) - t0 )) s"
+fi
+if [[ ",$STEPS," == *,pipeline,* ]]; then
+  timeout $(( $(left) - ${POOL_S:-0} )) python3 benchmarks/gpu_pipeline.py --model $M --models $M \
+    --batches 64,256 --sections ${SECTIONS:-engine,ready,e2e} --files ${FILES:-40000} --seconds 1.0 \
+    --e2e ${E2E:-compiled_3actors_t2_r256,compiled_4actors_t2_r256,nvimg_3actors_t2_r256,nvimg_4actors_t2_r256} \
+    --out "$OUT" --name gpu_pipeline_dev 2>&1 | tail -30
+  echo "pipeline done at $(( $(date +%s) - t0 )) s"
+fi
+if [[ ",$STEPS," == *,pool,* ]]; then
+  timeout $(left) python3 benchmarks/shared_pool.py --model $M --files ${POOL_FILES:-20000} --duration 8 \
+    --out "$OUT/shared_pool_gpu" 2>&1 | grep -E "^(shared_pool|\||Traceback|[A-Za-z]*Error)" | tail -20
+  echo "pool done at $(( $(date +%s) - t0 )) s"
+fi
+ls -la "$OUT"
