@@ -180,11 +180,17 @@ def read_segment_stats(fs, path: str) -> dict[str, Any] | None:
         return None
 
 
+#: How :func:`raydetect.video.segments.plan_segments` cuts a file, in the manifest: segment
+#: files are named by index, so a job resumed under another rule could lose or repeat the frames of
+#: a file's tail; outputs written before the rule existed (2026-12-07) are refused on resume.
+SEGMENT_TAIL = "a remainder under a quarter of segment_s joins the last segment"
+
+
 def video_settings(video: VideoConfig) -> dict[str, Any]:
     """The video options that change the results (recorded in the job manifest: resuming with
-    other values is refused). The decoder choice and the sessions per actor are left out: CPU and
-    NVDEC decode the same frames, in any grouping."""
-    return video.model_dump(mode="json", exclude={"decoder", "sessions"})
+    other values is refused), and the segmenting rule. The decoder choice and the sessions per
+    actor are left out: CPU and NVDEC decode the same frames, in any grouping."""
+    return {**video.model_dump(mode="json", exclude={"decoder", "sessions"}), "segment_tail": SEGMENT_TAIL}
 
 
 def _plan_rows(row: dict[str, Any], video: VideoConfig, storage: StorageConfig) -> list[dict[str, Any]]:

@@ -6,6 +6,7 @@ runs on few, small frames; the Ray job runs on a mixed folder and on the local S
 
 from __future__ import annotations
 
+import json
 import math
 from fractions import Fraction
 
@@ -431,6 +432,13 @@ def test_videos_from_s3(ray_local, s3_storage, s3fs_client, tmp_path):
     # other video settings into the same output are refused, naming what differs
     with pytest.raises(FileExistsError, match="video: .*'fps': 1.0.* then, .*'fps': 2.0"):
         run_job(cfg.model_copy(update={"video": VideoConfig(segment_s=1.5, fps=2)}))
+    # an output written before the segment-tail rule (its manifest lacks it) is refused too: its
+    # segment files were cut by another rule
+    manifest = json.loads(s3fs_client.cat(f"{bucket}/out/_job.json"))
+    del manifest["settings"]["video"]["segment_tail"]
+    s3fs_client.pipe(f"{bucket}/out/_job.json", json.dumps(manifest).encode())
+    with pytest.raises(FileExistsError, match="segment_tail"):
+        run_job(cfg)
 
 
 # --- NVDEC (issue 15) ---------------------------------------------------------------------------
