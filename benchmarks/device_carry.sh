@@ -27,6 +27,33 @@ PLAT=(--only-binary=:all: --python-version 3.12 --implementation cp --platform m
 grep -qxF "/$DEST/" .git/info/exclude 2>/dev/null || { mkdir -p .git/info; echo "/$DEST/" >> .git/info/exclude; }
 rm -rf "$DEST" && mkdir -p "$DEST"
 
+# pack_stripped DIR OUT: strip DIR's shared objects, pack DIR as OUT (tar.xz), remove DIR
+pack_stripped() {
+  find "$1" -name "*.so*" -type f -exec strip --strip-unneeded {} + 2>/dev/null || true
+  tar -C "$1" -cf - . | xz -T0 -9 > "$2"
+  rm -rf "$1"
+}
+
+# ray_carry [GLOB...]: $DEST/wheels = the wheels of Ray's bundle (../shared/device/bundle.sh,
+# cached in $BUNDLE) except those matching a GLOB, plus onnx2torch (the torch engine's ONNX
+# converter, not in the device image: without it the detector falls back to ONNX Runtime on the
+# CPU and a job measures nothing of the GPU); $DEST/ray-slim.tar.xz = Ray with its binaries stripped
+ray_carry() {
+  bash ../shared/device/bundle.sh "$BUNDLE"
+  mkdir -p "$DEST/wheels"
+  local w g
+  for w in "$BUNDLE"/wheels/*.whl; do
+    for g in "$@"; do [[ "$(basename "$w")" == $g ]] && continue 2; done
+    cp "$w" "$DEST/wheels/"
+  done
+  python3 -m pip download -q --no-deps "${PLAT[@]}" -d "$DEST/wheels" "$ONNX2TORCH"
+  local un
+  un=$(mktemp -d)
+  xz -dc "$BUNDLE/ray-slim.tar.xz" | tar -C "$un" -xf -
+  strip --strip-unneeded "$un"/ray/core/src/ray/raylet/raylet "$un"/ray/core/src/ray/gcs/gcs_server 2>/dev/null || true
+  pack_stripped "$un" "$DEST/ray-slim.tar.xz"
+}
+
 case "$WHAT" in
 c18)
   # raydetect compress on the GPU: Ultralytics' trainer, torch-pruning, NNCF and what they
@@ -93,23 +120,7 @@ PY
 c15)
   # Ray Data + PyAV + PyNvVideoCodec for the NVDEC job: Ray's bundle without Serve's HTTP stack
   # (a Ray Data job imports none of it), Ray's binaries stripped.
-  bash ../shared/device/bundle.sh "$BUNDLE"
-  mkdir -p "$DEST/wheels"
-  for w in "$BUNDLE"/wheels/*.whl; do
-    case "$(basename "$w")" in
-      haproxy*|cryptography*|fastapi*|starlette*|uvicorn*|watchfiles*|httptools*|websockets*) ;;
-      *) cp "$w" "$DEST/wheels/" ;;
-    esac
-  done
-  # the torch engine converts the ONNX export with onnx2torch (not in the device image: without
-  # it the detector falls back to ONNX Runtime on the CPU and the job measures nothing of the GPU)
-  python3 -m pip download -q --no-deps "${PLAT[@]}" -d "$DEST/wheels" "$ONNX2TORCH"
-  un=$(mktemp -d)
-  xz -dc "$BUNDLE/ray-slim.tar.xz" | tar -C "$un" -xf -
-  find "$un" -name "*.so*" -type f -exec strip --strip-unneeded {} + 2>/dev/null || true
-  strip --strip-unneeded "$un"/ray/core/src/ray/raylet/raylet "$un"/ray/core/src/ray/gcs/gcs_server 2>/dev/null || true
-  tar -C "$un" -cf - . | xz -T0 -9 > "$DEST/ray-slim.tar.xz"
-  rm -rf "$un"
+  ray_carry "haproxy*" "cryptography*" "fastapi*" "starlette*" "uvicorn*" "watchfiles*" "httptools*" "websockets*"
   # PyAV and PyNvVideoCodec, unpacked, without samples, sources and symbols
   whl=$(mktemp -d); vs=$(mktemp -d)
   python3 -m pip download -q --no-deps "${PLAT[@]}" -d "$whl" av==18.1.0 PyNvVideoCodec==2.2.4
@@ -123,9 +134,8 @@ c15)
       if [[ -f "$copy" && ! -L "$copy" ]]; then ln -sf "$(basename "$lib")" "$copy"; fi
     done
   done
-  find "$vs" -name "*.so*" -type f -exec strip --strip-unneeded {} + 2>/dev/null || true
-  tar -C "$vs" -cf - . | xz -T0 -9 > "$DEST/vsite.tar.xz"
-  rm -rf "$whl" "$vs"
+  pack_stripped "$vs" "$DEST/vsite.tar.xz"
+  rm -rf "$whl"
   xz -9 -c "$DATA/models/yolov5n-coco.onnx" > "$DEST/yolov5n-coco.onnx.xz"
   cp "$DATA/video/traffic-highway-2s.mp4" "$DEST/"
   # BASE=<git rev>: that revision's raydetect package too, for a same-host comparison of the job
@@ -139,16 +149,7 @@ c12)
   # Ray Data + Serve (the whole bundle: the shared-pool benchmark serves HTTP through haproxy),
   # onnx2torch, nvImageCodec + nvJPEG (the hardware JPEG decoder), the trained defect model and
   # the photos the benchmarks' JPEG sets are made from.
-  bash ../shared/device/bundle.sh "$BUNDLE"
-  mkdir -p "$DEST/wheels"
-  cp "$BUNDLE"/wheels/*.whl "$DEST/wheels/"
-  python3 -m pip download -q --no-deps "${PLAT[@]}" -d "$DEST/wheels" "$ONNX2TORCH"
-  un=$(mktemp -d)
-  xz -dc "$BUNDLE/ray-slim.tar.xz" | tar -C "$un" -xf -
-  find "$un" -name "*.so*" -type f -exec strip --strip-unneeded {} + 2>/dev/null || true
-  strip --strip-unneeded "$un"/ray/core/src/ray/raylet/raylet "$un"/ray/core/src/ray/gcs/gcs_server 2>/dev/null || true
-  tar -C "$un" -cf - . | xz -T0 -9 > "$DEST/ray-slim.tar.xz"
-  rm -rf "$un"
+  ray_carry
   # nvImageCodec for CPython 3.12 with only its nvJPEG extension (the hardware and CUDA JPEG
   # decoders; not the OpenCV, TIFF, JPEG 2000 ones), and libnvjpeg.so.13 (found on sys.path by
   # raydetect.stages.gpu_preprocess._preload_nvjpeg)
@@ -158,9 +159,8 @@ c12)
   find "$ns/nvidia/nvimgcodec" -name "nvimgcodec_impl.cpython-*.so" ! -name "*cpython-312-*" -delete
   find "$ns/nvidia/nvimgcodec/extensions" -name "*.so*" ! -name "libnvjpeg_ext.so*" -delete
   rm -rf "$ns/nvidia/nvimgcodec/tools" "$ns/nvidia/nvimgcodec/include" "$ns/nvidia/cu13/include"
-  find "$ns" -name "*.so*" -type f -exec strip --strip-unneeded {} + 2>/dev/null || true
-  tar -C "$ns" -cf - . | xz -T0 -9 > "$DEST/nvimg.tar.xz"
-  rm -rf "$whl" "$ns"
+  pack_stripped "$ns" "$DEST/nvimg.tar.xz"
+  rm -rf "$whl"
   xz -9 -c "$DATA/models/yolov8n-defects.onnx" > "$DEST/yolov8n-defects.onnx.xz"
   mkdir -p "$DEST/images" && cp "$DATA"/images/*.jpg "$DEST/images/"
   ;;
