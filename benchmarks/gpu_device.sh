@@ -8,9 +8,9 @@
 # Variables: STEPS (tests,pipeline,pool; default all three), FILES (JPEGs per set; default 40000:
 # ~10 s of steady state at 4k images/s), POOL_FILES (shared_pool.py, default 20000), E2E (gpu_pipeline.py variants), SECTIONS
 # (gpu_pipeline.py sections, default engine,ready,e2e), POOL_S (seconds kept for the pool step when
-# the pipeline step runs), TESTS_K, TOTAL_S.
+# the pipeline step runs), POOL_BATCHES (default '64 16'), TESTS_K, TOTAL_S.
 # Run (device tool, carry [".c12"]):  bash benchmarks/gpu_device.sh
-# Results: $OUT/gpu_pipeline_dev.json|md, $OUT/shared_pool_gpu.json|md, $OUT/gpu_tests.log.
+# Results: $OUT/gpu_pipeline_dev.json|md, $OUT/shared_pool_gpu_sb{64,16}.json|md, $OUT/gpu_tests.log.
 set -u
 C=${C:-.c12}
 OUT=${OUT:-/tmp/out}
@@ -45,8 +45,13 @@ if [[ ",$STEPS," == *,pipeline,* ]]; then
   echo "pipeline done at $(( $(date +%s) - t0 )) s"
 fi
 if [[ ",$STEPS," == *,pool,* ]]; then
-  timeout $(left) python3 benchmarks/shared_pool.py --model $M --files ${POOL_FILES:-20000} --duration 8 \
-    --out "$OUT/shared_pool_gpu" 2>&1 | grep -E "^(shared_pool|\||Traceback|[A-Za-z]*Error)" | tail -20
-  echo "pool done at $(( $(date +%s) - t0 )) s"
+  # POOL_BATCHES: the replicas' engine batch (images per archive-only call), one run each;
+  # 16 = the online max_batch_size (how the archive ran until 2026-12-07)
+  for sb in ${POOL_BATCHES:-64 16}; do
+    timeout $(left) python3 benchmarks/shared_pool.py --model $M --files ${POOL_FILES:-20000} --duration 8 \
+      --serve-batch-size $sb --out "$OUT/shared_pool_gpu_sb$sb" 2>&1 \
+      | grep -E "^(shared_pool|\||Traceback|[A-Za-z]*Error)" | tail -20
+    echo "pool (serve batch $sb) done at $(( $(date +%s) - t0 )) s"
+  done
 fi
 ls -la "$OUT"

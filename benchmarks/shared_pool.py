@@ -129,7 +129,8 @@ def to_markdown(doc: dict) -> str:
         f"Machine: {doc['machine']}  ",
         f"Model `{a['model']}` ({doc['model'].get('engine')}, {doc['model'].get('precision')}, "
         f"{doc['model'].get('device')}); {a['files']} JPEGs 640x480; {a['replicas']} replicas x "
-        f"{a['num_gpus']} GPU, max_batch_size {a['max_batch_size']}, batch_wait {a['batch_wait_ms']} ms, "
+        f"{a['num_gpus']} GPU, max_batch_size {a['max_batch_size']}, archive engine batch "
+        f"{a.get('serve_batch_size', a['max_batch_size'])}, batch_wait {a['batch_wait_ms']} ms, "
         f"archive_max_batches {a['archive_max_batches']}; {a['clients']} online clients; job via serve: "
         f"{a['callers']} callers x {a['rows_per_call']} rows/call; standalone: 1 actor x "
         f"{a['standalone_gpus']} GPU, {a['standalone_actor_concurrency']} threads, {a['rows_per_call']} rows/call, "
@@ -172,6 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-gpus", type=float, default=None, help="GPU per replica (default 1/replicas, 0 on CPU)")
     p.add_argument("--num-cpus", type=float, default=2.0, help="CPUs per replica")
     p.add_argument("--max-batch-size", type=int, default=16)
+    p.add_argument("--serve-batch-size", type=int, default=None,
+                   help="the replicas' engine batch, i.e. images per archive-only engine call (default: "
+                   "--standalone-batch-size; --max-batch-size gives the archive the online batch size)")
     p.add_argument("--batch-wait-ms", type=float, default=5.0)
     p.add_argument("--archive-max-batches", type=int, default=4)
     p.add_argument("--clients", type=int, default=32)
@@ -195,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
         args.clients, args.client_procs, args.duration, args.warmup = 2, 1, 4.0, 1.0
         args.callers, args.caller_cpus, args.rows_per_call, args.shard_size = 1, 0.25, 16, 16
         args.max_batch_size, args.standalone_batch_size, args.standalone_actor_concurrency = 8, 8, 1
+    if args.serve_batch_size is None:
+        args.serve_batch_size = max(args.standalone_batch_size, args.max_batch_size)
 
     import ray
     from ray import serve
@@ -241,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         app_args = {**det, "replicas": str(args.replicas), "num_cpus": args.num_cpus, "num_gpus": args.num_gpus,
                     "max_batch_size": args.max_batch_size, "batch_wait_ms": args.batch_wait_ms,
+                    "batch_size": args.serve_batch_size,
                     "archive_max_batches": args.archive_max_batches,
                     "max_ongoing_requests": max(64, 2 * args.clients + args.archive_max_batches)}
         serve.run(app_builder(app_args), name=APP, route_prefix="/")

@@ -159,6 +159,11 @@ class DetectorServer:
         det = cfg.detector
         if det.batch_size < cfg.max_batch_size:  # one engine call per batch of requests
             det = det.model_copy(update={"batch_size": cfg.max_batch_size})
+        elif det.torch.compile_batches is None and det.batch_size > cfg.max_batch_size:
+            # archive-only calls run batch_size images; online batches (<= max_batch_size) get a
+            # compiled bucket of their own instead of being padded to batch_size
+            det = det.model_copy(update={"torch": det.torch.model_copy(
+                update={"compile_batches": (1, 8, cfg.max_batch_size)})})
         self.detector = Detector(det)
         self._idle: asyncio.Event | None = None
         self._pixels = PixelBudget(cfg.max_pixels_in_flight, cfg.admission_timeout_s)
@@ -326,7 +331,10 @@ class DetectorServer:
                 await wake.wait_for(lambda: self._archive and idle.is_set() and self._online_waiting == 0)
                 idle.clear()  # the engine is this call's now; online requests wait for it
             try:
-                taken = self._take_archive(self.cfg.max_batch_size)
+                # an archive-only call runs the engine's own batch (the detector's batch_size),
+                # which may be larger than an online batch: online requests arriving meanwhile
+                # wait for at most this one call
+                taken = self._take_archive(self.detector.chunk)
                 await self._run_engine([], taken)
             finally:
                 idle.set()

@@ -24,7 +24,9 @@ MAX_BATCH = 8
 
 
 def serve_args(**extra):
-    return {"model": MODEL, "num_cpus": 0.25, "max_batch_size": MAX_BATCH, "batch_wait_ms": 10,
+    # batch_size = MAX_BATCH: an archive-only engine call (the detector's batch) is one archive batch
+    return {"model": MODEL, "num_cpus": 0.25, "max_batch_size": MAX_BATCH, "batch_size": MAX_BATCH,
+            "batch_wait_ms": 10,
             "archive_max_batches": 4, "max_pixels": 5_000_000, **extra}
 
 
