@@ -163,6 +163,11 @@ c12)
   rm -rf "$whl"
   xz -9 -c "$DATA/models/yolov8n-defects.onnx" > "$DEST/yolov8n-defects.onnx.xz"
   mkdir -p "$DEST/images" && cp "$DATA"/images/*.jpg "$DEST/images/"
+  # the GPU tests' decode inputs (grey baseline JPEGs; decoded and compared, never trained or
+  # calibrated on) and py-spy, for a profile of a detector actor in the job's steady state
+  mkdir -p "$DEST/defects/images/test"
+  find "$DATA/defects/images/test" -name "*.jpg" | sort | head -40 | xargs -I{} cp {} "$DEST/defects/images/test/"
+  python3 -m pip download -q --no-deps "${PLAT[@]}" --platform manylinux_2_5_x86_64 -d "$DEST/wheels" py-spy==0.4.1
   ;;
 esac
 

@@ -8,7 +8,7 @@
 # Variables: STEPS (tests,pipeline,pool; default all three), FILES (JPEGs per set; default 40000:
 # ~10 s of steady state at 4k images/s), POOL_FILES (shared_pool.py, default 20000), E2E (gpu_pipeline.py variants), SECTIONS
 # (gpu_pipeline.py sections, default engine,ready,e2e), POOL_S (seconds kept for the pool step when
-# the pipeline step runs), POOL_BATCHES (default '64 16'), TESTS_K, TOTAL_S.
+# the pipeline step runs), POOL_BATCHES (default '64 16'), PROFILE, PROFILE_S (below), TESTS_K, TOTAL_S.
 # Run (device tool, carry [".c12"]):  bash benchmarks/gpu_device.sh
 # Results: $OUT/gpu_pipeline_dev.json|md, $OUT/shared_pool_gpu_sb{64,16}.json|md, $OUT/gpu_tests.log.
 set -u
@@ -25,7 +25,8 @@ tar -C /tmp/site -xJf "$C/ray-slim.tar.xz" || exit 3
 tar -C /tmp/site -xJf "$C/nvimg.tar.xz" || exit 3
 chmod +x /tmp/site/ray/core/src/ray/raylet/raylet /tmp/site/ray/core/src/ray/gcs/gcs_server
 xz -dc "$C/yolov8n-defects.onnx.xz" > /tmp/data/models/yolov8n-defects.onnx
-rm -rf /tmp/data/images && cp -r "$C/images" /tmp/data/images
+rm -rf /tmp/data/images /tmp/data/defects && cp -r "$C/images" /tmp/data/images
+[[ -d "$C/defects" ]] && cp -r "$C/defects" /tmp/data/defects
 export PYTHONPATH=/tmp/site:$PWD
 echo "installed in $(( $(date +%s) - t0 )) s"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
@@ -36,6 +37,28 @@ if [[ ",$STEPS," == *,tests,* ]]; then
     > "$OUT/gpu_tests.log" 2>&1
   grep -v "^$" "$OUT/gpu_tests.log" | tail -6
   echo "tests done at $(( $(date +%s) - t0 )) s"
+fi
+# PROFILE=<e2e variant>: while that variant's job runs, once its first part file is written
+# (steady state), py-spy samples one detector actor for PROFILE_S seconds (collapsed stacks:
+# $OUT/profile_actor.txt, with the GIL-holding samples in $OUT/profile_actor_gil.txt) and
+# top lists the busiest processes ($OUT/profile_top.txt)
+if [[ -n "${PROFILE:-}" ]]; then
+  (
+    d=/tmp/raydetect-gpu-bench/out_$PROFILE
+    for _ in $(seq 600); do compgen -G "$d/part-*" > /dev/null && break; sleep 0.5; done
+    sleep 1
+    pid=$(pgrep -f "MapWorker" | head -1)
+    [[ -z "$pid" ]] && pid=$(ps -eo pid,args | grep -E "ray::.*(MapBatches|Detector)" | grep -v grep | head -1 | awk '{print $1}')
+    top -b -n 1 -w 250 | head -40 > "$OUT/profile_top.txt"
+    if [[ -n "$pid" ]]; then
+      ps -o pid,args -p "$pid" >> "$OUT/profile_top.txt"
+      /tmp/site/bin/py-spy record -p "$pid" -d "${PROFILE_S:-6}" -r 250 -f raw -o "$OUT/profile_actor.txt" --nonblocking --threads > "$OUT/profile_pyspy.log" 2>&1 &
+      /tmp/site/bin/py-spy record -p "$pid" -d "${PROFILE_S:-6}" -r 100 -f raw -o "$OUT/profile_actor_gil.txt" --nonblocking --gil >> "$OUT/profile_pyspy.log" 2>&1
+      wait
+    else
+      echo "no actor process found" > "$OUT/profile_pyspy.log"
+    fi
+  ) &
 fi
 if [[ ",$STEPS," == *,pipeline,* ]]; then
   timeout $(( $(left) - ${POOL_S:-0} )) python3 benchmarks/gpu_pipeline.py --model $M --models $M \

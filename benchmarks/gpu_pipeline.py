@@ -892,6 +892,8 @@ E2E_VARIANTS = [
     {"name": "compiled_2actors_t2_r256", "actors": 2, "actor_concurrency": 2, "rows_per_call": 256},
     {"name": "compiled_3actors_t2_r256", "actors": 3, "actor_concurrency": 2, "rows_per_call": 256},
     {"name": "compiled_4actors_t2_r256", "actors": 4, "actor_concurrency": 2, "rows_per_call": 256},
+    {"name": "compiled_6actors_t2_r256", "actors": 6, "actor_concurrency": 2, "rows_per_call": 256},
+    {"name": "compiled_8actors_t2_r256", "actors": 8, "actor_concurrency": 2, "rows_per_call": 256},
     {"name": "nvimg_3actors_t2_r256", "decoder": "nvimgcodec", "actors": 3, "actor_concurrency": 2, "rows_per_call": 256},
     {"name": "nvimg_4actors_t2_r256", "decoder": "nvimgcodec", "actors": 4, "actor_concurrency": 2, "rows_per_call": 256},
     {"name": "compiled_b128_t2_r512", "batch": 128, "actor_concurrency": 2, "rows_per_call": 512},

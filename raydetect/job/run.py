@@ -126,7 +126,8 @@ def build_dataset(cfg: JobConfig, files: list[str], fs, serve_info: dict | None 
             fn_constructor_kwargs={
                 "app": cfg.via_serve,
                 "model_sha256": serve_info["sha256"],
-                "sub_batch": serve_info["max_batch_size"],
+                # one archive batch = one archive-only engine call of a replica
+                "sub_batch": serve_info.get("engine_batch_size") or serve_info["max_batch_size"],
                 "conf": det.conf,
                 "iou": det.iou,
                 "max_det": det.max_det,

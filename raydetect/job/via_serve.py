@@ -90,7 +90,8 @@ def connect(app: str, timeout_s: float = 60.0) -> tuple[Any, dict[str, Any]]:
 
 class ServeCaller:
     """The job's ``map_batches`` callable with ``--via-serve``: each Ray Data batch is cut into
-    sub-batches of the replicas' ``max_batch_size``, all sent at once (several archive batches
+    sub-batches of the replicas' engine batch (``engine_batch_size``: one archive-only engine
+    call), all sent at once (several archive batches
     in flight per caller), and their rows concatenated. Busy answers and dead replicas are
     retried with backoff for up to :data:`RETRY_WINDOW_S`."""
 

@@ -255,6 +255,7 @@ class DetectorServer:
         return {
             **self.model_id,
             "max_batch_size": self.cfg.max_batch_size,
+            "engine_batch_size": self.detector.chunk,  # images per archive-only engine call
             "archive_max_batches": self.cfg.archive_max_batches,
             "max_pixels": det.max_pixels,
             "max_bytes": det.max_bytes,
