@@ -83,7 +83,9 @@ def batched_postprocess(
     # Offsets: class × MAX_WH in float32 exactly like the CPU path, then one image offset in
     # float64 (exact), so no box meets a box of another class or image.
     cls_off = boxes + cls.to(torch.float32)[:, None] * MAX_WH
-    img_span = (float(cls.max()) + 2.0) * MAX_WH
+    # the class count from the head's shape, not cls.max() (a device-to-host synchronisation)
+    nc = int(pred.shape[1]) - 4 if layout == "yolov8" else int(pred.shape[2]) - 5
+    img_span = (max(nc, 1) + 1.0) * MAX_WH
     off = cls_off.to(torch.float64) + img.to(torch.float64)[:, None] * img_span
     sc64 = scores.to(torch.float64)
 

@@ -216,7 +216,13 @@ def letterbox_tensors(
             x = F.interpolate(x, size=(g.new_h, g.new_w), mode="bilinear", align_corners=False, antialias=False)
             x = x.round_().clamp_(0, 255)
         x = x.mul_(1.0 / 255.0)
-        rows = torch.as_tensor(idx, device=device)
+        # consecutive rows (one size group: the usual case) as a slice; otherwise an index
+        # tensor copied without blocking the host (a pageable copy would wait for the stream)
+        if idx[-1] - idx[0] + 1 == len(idx):
+            rows = slice(idx[0], idx[-1] + 1)
+        else:
+            rows = torch.tensor(idx)
+            rows = rows.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else rows
         out[rows, :, g.pad_top : g.pad_top + g.new_h, g.pad_left : g.pad_left + g.new_w] = x.to(dtype)
         for i in idx:
             geoms[i] = g
