@@ -1,5 +1,7 @@
 """Letterbox geometry, box round trips and the decode error messages."""
 
+import io
+
 import cv2
 import numpy as np
 import pytest
@@ -85,6 +87,32 @@ def _jpeg(h=64, w=64) -> bytes:
 def test_decode_errors(data, match):
     with pytest.raises(ImageError, match=match):
         decode_image(data, max_pixels=10**8, max_bytes=10**8)
+
+
+def test_truncation_check_finds_the_main_image_eoi_only():
+    """The end-of-image marker is looked for after the first scan (searched from the end): data
+    after it is allowed; an EXIF thumbnail's own EOI before the scan does not count; any cut
+    inside the scan data is truncation."""
+    from PIL import Image
+
+    from raydetect.stages.preprocess import _jpeg_has_eoi
+
+    full = _jpeg(120, 160)
+    assert _jpeg_has_eoi(full) and _jpeg_has_eoi(full + b"\x00" * 100 + b"trailer")
+    thumb = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(thumb, "JPEG")
+    exif = Image.Exif()
+    exif[0x010E] = "has a thumbnail"
+    with_thumb = io.BytesIO()
+    Image.open(io.BytesIO(full)).save(with_thumb, "JPEG", exif=exif.tobytes() + thumb.getvalue())
+    data = with_thumb.getvalue()
+    sos = data.rindex(b"\xff\xda")  # the main image's (one scan: baseline); the thumbnail has its own
+    assert data.index(b"\xff\xd9") < sos  # the thumbnail's EOI comes before the scan
+    assert _jpeg_has_eoi(data)
+    for cut in range(sos + 4, len(data) - 1, 97):
+        assert not _jpeg_has_eoi(data[:cut]), cut
+        with pytest.raises(ImageError, match="truncated JPEG"):
+            decode_image(data[:cut], max_pixels=10**8, max_bytes=10**8)
 
 
 def test_decode_limits():
