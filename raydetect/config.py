@@ -142,7 +142,7 @@ class DetectorConfig(_Strict):
     image_decoder: Literal["auto", "nvimgcodec", "nvjpeg", "cpu"] = Field(
         "auto",
         description="JPEG decoder of the GPU data path: nvjpeg (torchvision), nvimgcodec (hardware JPEG "
-        "engines, an extra), cpu; auto: nvjpeg (measured faster in the detector)",
+        "engines, an extra), cpu; auto: nvimgcodec where installed (it leaves the SMs to the engine), else nvjpeg",
     )
     device: str | None = Field(None, description="'cpu', 'cuda' or 'cuda:N'; None picks")
     storage: StorageConfig = StorageConfig()

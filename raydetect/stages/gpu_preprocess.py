@@ -45,14 +45,14 @@ from raydetect.stages.preprocess import (
 
 __all__ = ["GPU_DECODERS", "GpuPreprocessor", "PreparedBatch", "letterbox_tensors", "nvimgcodec_status"]
 
-#: JPEG decoders of the GPU path: torchvision's nvJPEG (CUDA kernels; what ``auto`` picks),
-#: nvImageCodec (the GPU's hardware JPEG engines, NVJPG, with its CUDA decoder as fallback;
-#: opt-in), or none (every image on the CPU). nvImageCodec alone decodes more 640x480 JPEGs per
-#: second (21.8k vs 18.4k on an H200), but inside the detector's prepare stage it measured slower
-#: (0.142 vs 0.112 ms per image, H100, benchmarks/results/gpu_pipeline.md), and one decoder
-#: object must not decode from two threads at once (its hardware decoder failed with "nvjpeg error
-#: #6" in a threaded Ray actor): each thread gets a decoder of its own (until 2026-12-07 the
-#: calls were serialised on one, which the Ray job with nvImageCodec measured with).
+#: JPEG decoders of the GPU path: nvImageCodec (the GPU's hardware JPEG engines, NVJPG, with its
+#: CUDA decoder as fallback; what ``auto`` picks where it is installed), torchvision's nvJPEG (CUDA
+#: kernels on the SMs; ``auto`` elsewhere), or none (every image on the CPU). One nvImageCodec
+#: decoder object must not decode from two threads at once ("nvjpeg error #6" in a threaded Ray
+#: actor): each thread gets a decoder of its own. Measured in the Ray job on one H100
+#: (benchmarks/results/gpu_pipeline.md, 2026-12-07): 3 actors x 2 threads 4,252 images/s with
+#: nvImageCodec vs 3,298 with nvJPEG (the hardware decode leaves the SMs to the engine), equal at
+#: 4 actors (host-bound); in one thread of one process nvImageCodec was ~10 % slower.
 GPU_DECODERS = ("auto", "nvimgcodec", "nvjpeg", "cpu")
 
 
@@ -233,8 +233,8 @@ class GpuPreprocessor:
     """Decode + letterbox a list of images (encoded bytes, uint8 BGR arrays, or RGB ``[3, h, w]``
     uint8 tensors already on the device, e.g. decoded video frames) on ``device``.
 
-    ``decoder``: ``auto`` picks torchvision's nvJPEG when the device is CUDA (``nvimgcodec``:
-    nvImageCodec, where installed); ``cpu`` (and any decoder on a CPU device, for tests) sends every
+    ``decoder``: ``auto`` picks nvImageCodec on a CUDA device where it is installed, else
+    torchvision's nvJPEG; ``cpu`` (and any decoder on a CPU device, for tests) sends every
     image to the CPU decoder, and only the letterbox runs in torch. ``nvjpeg=False`` is the old
     spelling of ``decoder='cpu'``."""
 
@@ -264,7 +264,7 @@ class GpuPreprocessor:
                 raise ValueError(f"decoder {decoder!r} needs a CUDA device")
             decoder = "cpu"
         if decoder == "auto":
-            decoder = "nvjpeg"
+            decoder = "nvimgcodec" if nvimgcodec_status() is None else "nvjpeg"
         elif decoder == "nvimgcodec" and (why := nvimgcodec_status()) is not None:
             raise ValueError(why)
         #: the GPU JPEG decoder in use: "nvimgcodec", "nvjpeg" or "cpu" (none)
