@@ -5,6 +5,7 @@
 #   bash benchmarks/device_carry.sh c18   # -> .c18 for benchmarks/compress_gpu_device.sh (issue 18)
 #   bash benchmarks/device_carry.sh c15   # -> .c15 for benchmarks/video_gpu_device.sh (issue 15)
 #   BASE=main bash benchmarks/device_carry.sh c15   # ... plus main's raydetect, for BASE_JOBS
+#   BASE=<rev> bash benchmarks/device_carry.sh c12  # ... plus that raydetect, for BASE_E2E
 #   bash benchmarks/device_carry.sh c12   # -> .c12 for benchmarks/gpu_device.sh (issues 12 and 16)
 #
 # Each folder is added to .git/info/exclude and must stay under the device tool's 64 MiB carry
@@ -168,6 +169,12 @@ c12)
   mkdir -p "$DEST/defects/images/test"
   find "$DATA/defects/images/test" -name "*.jpg" | sort | head -40 | xargs -I{} cp {} "$DEST/defects/images/test/"
   python3 -m pip download -q --no-deps "${PLAT[@]}" --platform manylinux_2_5_x86_64 -d "$DEST/wheels" py-spy==0.4.1
+  # BASE=<git rev>: that revision's raydetect package too, for a same-host comparison of the
+  # Ray job (gpu_device.sh's BASE_E2E runs gpu_pipeline.py with it, driver and actors)
+  if [[ -n "${BASE:-}" ]]; then
+    mkdir -p "$DEST/base" && git archive "$BASE" raydetect | tar -x -C "$DEST/base"
+    git rev-parse "$BASE" > "$DEST/base/REV"
+  fi
   ;;
 esac
 

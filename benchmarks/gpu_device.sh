@@ -8,7 +8,8 @@
 # Variables: STEPS (tests,pipeline,pool; default all three), FILES (JPEGs per set; default 40000:
 # ~10 s of steady state at 4k images/s), POOL_FILES (shared_pool.py, default 20000), E2E (gpu_pipeline.py variants), SECTIONS
 # (gpu_pipeline.py sections, default engine,ready,e2e), POOL_S (seconds kept for the pool step when
-# the pipeline step runs), POOL_BATCHES (default '64 16'), PROFILE, PROFILE_S (below), TESTS_K, TOTAL_S.
+# the pipeline step runs), POOL_BATCHES (default '64 16'), PROFILE, PROFILE_S, BASE_E2E (below), TESTS_K,
+# TOTAL_S.
 # Run (device tool, carry [".c12"]):  bash benchmarks/gpu_device.sh
 # Results: $OUT/gpu_pipeline_dev.json|md, $OUT/shared_pool_gpu_sb{64,16}.json|md, $OUT/gpu_tests.log.
 set -u
@@ -66,6 +67,16 @@ if [[ ",$STEPS," == *,pipeline,* ]]; then
     --e2e ${E2E:-compiled_3actors_t2_r256,compiled_4actors_t2_r256,nvimg_3actors_t2_r256,nvimg_4actors_t2_r256} \
     --out "$OUT" --name gpu_pipeline_dev 2>&1 | tail -30
   echo "pipeline done at $(( $(date +%s) - t0 )) s"
+fi
+# BASE_E2E=<variants>: the same e2e variants with the raydetect of $C/base (BASE=<rev>
+# device_carry.sh c12) in the driver and the actors, on the same host: $OUT/gpu_pipeline_base.*
+if [[ -n "${BASE_E2E:-}" && -d "$C/base/raydetect" ]]; then
+  echo "base code: $(cat "$C/base/REV" 2>/dev/null)"
+  rm -rf /tmp/base && mkdir -p /tmp/base && cp -r "$C/base/raydetect" benchmarks /tmp/base/
+  PYTHONPATH=/tmp/base:/tmp/site timeout $(( $(left) - ${POOL_S:-0} )) python3 /tmp/base/benchmarks/gpu_pipeline.py \
+    --model $M --models $M --batches 64 --sections e2e --files ${FILES:-40000} --e2e "$BASE_E2E" \
+    --out "$OUT" --name gpu_pipeline_base 2>&1 | grep -E "^\| e2e|Traceback|Error" | tail -8
+  echo "base e2e done at $(( $(date +%s) - t0 )) s"
 fi
 if [[ ",$STEPS," == *,pool,* ]]; then
   # POOL_BATCHES: the replicas' engine batch (images per archive-only call), one run each;
