@@ -29,8 +29,18 @@ def _xywh2xyxy(b: torch.Tensor) -> torch.Tensor:
     return torch.cat([b[:, :2] - half, b[:, :2] + half], dim=1)
 
 
+def _nonzero(mask: torch.Tensor, total: int) -> torch.Tensor:
+    """``mask.nonzero()`` when the count is known: ``nonzero_static`` needs no synchronisation
+    to size its output (plain ``nonzero`` where a build lacks it)."""
+    try:
+        return torch.nonzero_static(mask, size=total)
+    except (AttributeError, NotImplementedError, RuntimeError):
+        return mask.nonzero()
+
+
 def _candidates(pred: torch.Tensor, layout: HeadLayout, conf: float):
-    """(image index, boxes xyxy, scores, class ids) of every anchor with score > conf."""
+    """(image index, boxes xyxy, scores, class ids) of every anchor with score > conf, and the
+    number per image (a host list: the one synchronisation before NMS)."""
     pred = pred.to(torch.float32)
     if layout == "yolov8":
         p = pred.transpose(1, 2)  # [B, N, 4 + nc]
@@ -42,9 +52,11 @@ def _candidates(pred: torch.Tensor, layout: HeadLayout, conf: float):
         mask = (p[..., 4] > conf) & (scores > conf)
     else:
         raise ValueError(f"unknown head layout {layout!r}")
-    img, anchor = mask.nonzero(as_tuple=True)  # row-major: grouped by image, anchors ascending
+    counts = mask.sum(dim=1).tolist()
+    nz = _nonzero(mask, sum(counts))  # row-major: grouped by image, anchors ascending
+    img, anchor = nz[:, 0], nz[:, 1]
     boxes = _xywh2xyxy(p[img, anchor, :4])
-    return img, boxes, scores[img, anchor], cls[img, anchor]
+    return img, boxes, scores[img, anchor], cls[img, anchor], counts
 
 
 def batched_postprocess(
@@ -58,8 +70,7 @@ def batched_postprocess(
     """Raw head output ``[B, ...]`` (on any device) → per image (boxes xyxy [k, 4] float32,
     scores [k] float32, class ids [k] int64) on the host, letterboxed model coordinates."""
     b = int(pred.shape[0])
-    img, boxes, scores, cls = _candidates(pred, layout, conf)
-    counts = torch.bincount(img, minlength=b).tolist()  # the one synchronisation before NMS
+    img, boxes, scores, cls, counts = _candidates(pred, layout, conf)
     starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
 
     if max(counts, default=0) > max_nms:  # rare: keep each image's max_nms best (stable, as CPU)
