@@ -8,8 +8,8 @@
 # Variables: STEPS (tests,pipeline,pool; default all three), FILES (JPEGs per set; default 40000:
 # ~10 s of steady state at 4k images/s), POOL_FILES (shared_pool.py, default 20000), E2E (gpu_pipeline.py variants), SECTIONS
 # (gpu_pipeline.py sections, default engine,ready,e2e), POOL_S (seconds kept for the pool step when
-# the pipeline step runs), POOL_BATCHES (default '64 16'), PROFILE, PROFILE_S, BASE_E2E (below), TESTS_K,
-# TOTAL_S.
+# the pipeline step runs), POOL_BATCHES (default '64 16'), PROFILE, PROFILE_S, BASE_E2E (below), TESTS_K
+# (pytest -k of tests/test_gpu.py), TESTS_S, TOTAL_S.
 # Run (device tool, carry [".c12"]):  bash benchmarks/gpu_device.sh
 # Results: $OUT/gpu_pipeline_dev.json|md, $OUT/shared_pool_gpu_sb{64,16}.json|md, $OUT/gpu_tests.log.
 set -u
@@ -34,15 +34,17 @@ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 python3 -c "import torch, ray; from raydetect.stages.gpu_preprocess import nvimgcodec_status as s; print(torch.__version__, ray.__version__, s())" 2>&1 | tail -2
 M=/tmp/data/models/yolov8n-defects.onnx
 if [[ ",$STEPS," == *,tests,* ]]; then
-  timeout 120 python3 -m pytest -q -s -rs tests/test_gpu.py -k "${TESTS_K:-nvimgcodec}" -p no:cacheprovider \
+  # default: every GPU test without Ray (the decoders, engines, NMS, letterbox, compiled detector)
+  timeout ${TESTS_S:-240} python3 -m pytest -q -s -rs tests/test_gpu.py -k "${TESTS_K:-not ray_actor and not gpu_job}" \
+    -p no:cacheprovider \
     > "$OUT/gpu_tests.log" 2>&1
   grep -v "^$" "$OUT/gpu_tests.log" | tail -6
   echo "tests done at $(( $(date +%s) - t0 )) s"
 fi
 # PROFILE=<e2e variant>: while that variant's job runs, once its first part file is written
 # (steady state), py-spy samples one detector actor for PROFILE_S seconds (collapsed stacks:
-# $OUT/profile_actor.txt, with the GIL-holding samples in $OUT/profile_actor_gil.txt) and
-# top lists the busiest processes ($OUT/profile_top.txt)
+# $OUT/profile_actor.txt, with the GIL-holding samples in $OUT/profile_actor_gil.txt), the driver
+# too ($OUT/profile_driver.txt), and top lists the busiest processes ($OUT/profile_top.txt)
 if [[ -n "${PROFILE:-}" ]]; then
   (
     d=/tmp/raydetect-gpu-bench/out_$PROFILE
@@ -54,6 +56,10 @@ if [[ -n "${PROFILE:-}" ]]; then
     if [[ -n "$pid" ]]; then
       ps -o pid,args -p "$pid" >> "$OUT/profile_top.txt"
       /tmp/site/bin/py-spy record -p "$pid" -d "${PROFILE_S:-6}" -r 250 -f raw -o "$OUT/profile_actor.txt" --nonblocking --threads > "$OUT/profile_pyspy.log" 2>&1 &
+      # the driver: Ray Data's streaming executor and the part-file writer run there
+      drv=$(pgrep -f "^[^ ]*python[0-9.]* benchmarks/gpu_pipeline.py" | head -1)
+      [[ -n "$drv" ]] && /tmp/site/bin/py-spy record -p "$drv" -d "${PROFILE_S:-6}" -r 100 -f raw \
+        -o "$OUT/profile_driver.txt" --nonblocking --threads >> "$OUT/profile_pyspy.log" 2>&1 &
       /tmp/site/bin/py-spy record -p "$pid" -d "${PROFILE_S:-6}" -r 100 -f raw -o "$OUT/profile_actor_gil.txt" --nonblocking --gil >> "$OUT/profile_pyspy.log" 2>&1
       wait
     else

@@ -69,6 +69,8 @@ def gpu_config(model=STATIC, **kw) -> DetectorConfig:
 
 @pytest.fixture(scope="module")
 def card():
+    if not STATIC.exists():  # a device run that carried only the trained model
+        pytest.skip(f"{STATIC.name} is not under {MODELS}")
     return ModelCard.load(str(STATIC))
 
 
