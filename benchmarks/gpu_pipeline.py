@@ -854,7 +854,11 @@ def main() -> int:
 
     variants = E2E_VARIANTS if not args.quick else [{"name": "base", "compile": "off"}]
     if args.e2e:
-        variants = [v for v in variants if v["name"] in args.e2e.split(",")]
+        wanted = args.e2e.split(",")
+        unknown = sorted(set(wanted) - {v["name"] for v in variants})
+        if unknown:
+            ap.error(f"unknown --e2e variants {unknown}; known: {[v['name'] for v in variants]}")
+        variants = [v for v in variants if v["name"] in wanted]
     steps = {
         "engine": lambda: {**res.data["sections"].get("engine", {}),
                            **bench_engines(models, args.device, batches, [int(b) for b in args.other_batches.split(",")],
@@ -884,7 +888,9 @@ def main() -> int:
 
 #: The Ray Data job runs (coco640 unless named): compiled engine (auto) unless ``compile`` says
 #: otherwise, one compiled bucket (the batch); rows_per_call > batch: several chunks per call,
-#: chunk k+1 prepared while chunk k runs; actor_concurrency: calls in threads of one actor.
+#: chunk k+1 prepared while chunk k runs; actor_concurrency: calls in threads of one actor. The
+#: decoder is ``auto`` unless named (nvImageCodec where installed since 2026-12-07, nvJPEG before
+#: and elsewhere): the nvjpeg_* and nvimg_* runs name theirs.
 E2E_VARIANTS = [
     {"name": "compiled_t2_r256", "actor_concurrency": 2, "rows_per_call": 256},  # first: compiles (cold)
     {"name": "compiled_t2_r256_again", "actor_concurrency": 2, "rows_per_call": 256},  # warm cache
@@ -894,6 +900,8 @@ E2E_VARIANTS = [
     {"name": "compiled_4actors_t2_r256", "actors": 4, "actor_concurrency": 2, "rows_per_call": 256},
     {"name": "compiled_6actors_t2_r256", "actors": 6, "actor_concurrency": 2, "rows_per_call": 256},
     {"name": "compiled_8actors_t2_r256", "actors": 8, "actor_concurrency": 2, "rows_per_call": 256},
+    {"name": "nvjpeg_3actors_t2_r256", "decoder": "nvjpeg", "actors": 3, "actor_concurrency": 2, "rows_per_call": 256},
+    {"name": "nvjpeg_4actors_t2_r256", "decoder": "nvjpeg", "actors": 4, "actor_concurrency": 2, "rows_per_call": 256},
     {"name": "nvimg_3actors_t2_r256", "decoder": "nvimgcodec", "actors": 3, "actor_concurrency": 2, "rows_per_call": 256},
     {"name": "nvimg_4actors_t2_r256", "decoder": "nvimgcodec", "actors": 4, "actor_concurrency": 2, "rows_per_call": 256},
     {"name": "compiled_b128_t2_r512", "batch": 128, "actor_concurrency": 2, "rows_per_call": 512},
