@@ -158,6 +158,18 @@ def to_markdown(doc: dict) -> str:
         f"{s['job_via_serve_alone_vs_standalone']:.0%} of standalone (target >= 80 %). Job rates compare the "
         "steady rates (first to last part file).",
     ]
+    parts = ("queue_ms", "decode_ms", "preprocess_ms", "inference_ms", "postprocess_ms", "total_ms")
+    if all(x.get("replica_mean_ms") for x in (oa, ow)):
+        lines += [
+            "",
+            "Inside the replica, mean ms per online request (queue: waiting for the engine and the batch):",
+            "",
+            "| run | " + " | ".join(k[:-3] for k in parts) + " | images per batch |",
+            "|---|" + "---:|" * (len(parts) + 1),
+        ]
+        for name, x in (("(a) online alone", oa), ("(b) online + job", ow)):
+            vals = " | ".join(str(round(x["replica_mean_ms"].get(k, float("nan")), 2)) for k in parts)
+            lines.append(f"| {name} | {vals} | {x.get('mean_batch')} |")
     return "\n".join(lines) + "\n"
 
 
