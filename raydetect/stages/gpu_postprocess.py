@@ -12,11 +12,15 @@ in one copy per batch.
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import torch
 import torchvision
 
 from raydetect.stages.postprocess import MAX_NMS, MAX_WH, HeadLayout
+
+log = logging.getLogger(__name__)
 
 #: Candidates per NMS launch (its IoU mask is quadratic in the count).
 NMS_CHUNK = 30_000
@@ -29,13 +33,26 @@ def _xywh2xyxy(b: torch.Tensor) -> torch.Tensor:
     return torch.cat([b[:, :2] - half, b[:, :2] + half], dim=1)
 
 
+#: per device type: whether ``torch.nonzero_static`` runs there (torch >= 2.4 has it, but not on
+#: every device in every build); decided at the first call, so later calls catch nothing
+_NONZERO_STATIC: dict[str, bool] = {}
+
+
 def _nonzero(mask: torch.Tensor, total: int) -> torch.Tensor:
     """``mask.nonzero()`` when the count is known: ``nonzero_static`` needs no synchronisation
-    to size its output (plain ``nonzero`` where a build lacks it)."""
-    try:
-        return torch.nonzero_static(mask, size=total)
-    except (AttributeError, NotImplementedError, RuntimeError):
-        return mask.nonzero()
+    to size its output (plain ``nonzero`` on a device where it does not run)."""
+    kind = mask.device.type
+    if _NONZERO_STATIC.get(kind) is None:
+        try:
+            out = torch.nonzero_static(mask, size=total)
+        except (NotImplementedError, RuntimeError) as e:  # no kernel for this device
+            log.warning("torch.nonzero_static does not run on %s (%s): NMS uses nonzero, one more "
+                        "synchronisation per chunk", kind, e)
+            _NONZERO_STATIC[kind] = False
+        else:
+            _NONZERO_STATIC[kind] = True
+            return out
+    return torch.nonzero_static(mask, size=total) if _NONZERO_STATIC[kind] else mask.nonzero()
 
 
 def _candidates(pred: torch.Tensor, layout: HeadLayout, conf: float):
