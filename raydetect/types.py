@@ -213,6 +213,18 @@ RESULT_SCHEMA = pa.schema(
 )
 
 
+def _class_names(present: list[DetectionArray], classes: np.ndarray) -> pa.Array:
+    """The ``name`` values of the concatenated ``classes`` of ``present``: one lookup of a
+    table of the class names when they share one names dict (one model), no string per box."""
+    present = [d for d in present if len(d)]
+    names = present[0].names if present else {}
+    top = int(classes.max()) if len(classes) else -1
+    if top > 65535 or (len(classes) and classes.min() < 0) or any(d.names is not names for d in present):
+        return pa.array([n for d in present for n in d.class_names()], type=pa.string())
+    table = pa.array([names.get(i, str(i)) for i in range(top + 1)], type=pa.string())
+    return table.take(pa.array(classes))
+
+
 def detections_column(dets: list[list[Detection] | DetectionArray | None]) -> pa.Array:
     """The ``detections`` column (list of :data:`DETECTION_STRUCT`, null where ``None``): from
     the arrays when every entry is a :class:`DetectionArray` (or None), else from dicts."""
@@ -227,12 +239,13 @@ def detections_column(dets: list[list[Detection] | DetectionArray | None]) -> pa
         boxes = np.concatenate([d.boxes for d in present]).astype(np.float32, copy=False)
         scores = np.concatenate([d.scores for d in present]).astype(np.float32, copy=False)
         classes = np.concatenate([d.classes for d in present])
-        names = [n for d in present for n in d.class_names()] if len(classes) else []
+        names = _class_names(present, classes)
     else:
-        boxes, scores, classes, names = np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64), []
+        boxes, scores, classes = np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64)
+        names = pa.array([], type=pa.string())
     values = pa.StructArray.from_arrays(
         [pa.array(boxes[:, 0]), pa.array(boxes[:, 1]), pa.array(boxes[:, 2]), pa.array(boxes[:, 3]),
-         pa.array(scores), pa.array(classes.astype(np.int32)), pa.array(names, type=pa.string())],
+         pa.array(scores), pa.array(classes.astype(np.int32)), names],
         fields=list(DETECTION_STRUCT),
     )
     mask = pa.array([d is None for d in dets]) if any(d is None for d in dets) else None

@@ -28,6 +28,7 @@ from raydetect.types import (
     DetectionArray,
     ImageResult,
     ModelIdentity,
+    detections_column,
     results_to_table,
 )
 from tests.conftest import MODELS, REPO, photo_paths
@@ -111,6 +112,13 @@ def test_detection_array_is_the_list_of_detections():
                              ImageResult("c", error="bad")], model)
     assert fast.schema == RESULT_SCHEMA and fast.equals(slow)
     assert fast.column("detections").type == pa.list_(RESULT_SCHEMA.field("detections").type.value_type)
+    # one model's names (the fast lookup) and two models' names give the same column
+    names = {0: "fi", 3: "kb"}
+    two = [DetectionArray.from_rows(boxes, [0.9, 0.25], [3, 7], names), DetectionArray.from_rows(boxes[:1], [0.5], [0], names)]
+    mixed = [two[0], DetectionArray.from_rows(boxes[:1], [0.5], [0], {0: "fi"})]
+    columns = [detections_column(d).to_pylist() for d in (two, mixed, [list(x) for x in two])]
+    assert columns[0] == columns[1] == columns[2]
+    assert [d["class_name"] for d in columns[0][0]] == ["kb", "7"] and columns[0][1][0]["class_name"] == "fi"
 
 
 # --- the compiled torch engine --------------------------------------------------------------------
