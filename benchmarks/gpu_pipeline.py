@@ -523,10 +523,9 @@ def bench_detector(model: str, sets: dict[str, Any], device: str, batch: int, n:
                 t = time.perf_counter()
                 from raydetect.types import ImageResult
 
-                results = []
-                for i, g, r in zip(p.rows, p.geoms, rows, strict=True):
-                    h, w = p.sizes[i]
-                    results.append(ImageResult(uri=str(i), height=h, width=w, detections=det.to_detections(r, g, h, w)))
+                sizes = [p.sizes[i] for i in p.rows]
+                results = [ImageResult(uri=str(i), height=h, width=w, detections=d) for i, (h, w), d in
+                           zip(p.rows, sizes, det.to_detections(rows, p.geoms, sizes), strict=True)]
                 stages["to_detections"] += time.perf_counter() - t
                 t = time.perf_counter()
                 det.to_table(results)

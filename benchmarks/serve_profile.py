@@ -46,9 +46,7 @@ def stages(detector, images: list[bytes]) -> dict[str, float]:
     t2 = time.perf_counter()
     rows = detector.rows(preds, conf, iou, max_det)
     t3 = time.perf_counter()
-    for geom, r, i in zip(p.geoms, rows, p.rows, strict=True):
-        h, w = p.sizes[i]
-        detector.to_detections(r, geom, h, w)
+    detector.to_detections(rows, p.geoms, [p.sizes[i] for i in p.rows])
     t4 = time.perf_counter()
     return {"prepare": (t1 - t0) * 1e3, "infer": (t2 - t1) * 1e3, "nms_to_host": (t3 - t2) * 1e3,
             "to_detections": (t4 - t3) * 1e3}

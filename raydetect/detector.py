@@ -27,7 +27,7 @@ from raydetect.engines.base import NMSOutput
 from raydetect.model_card import ModelCard, batch_check_error, batching_check_input
 from raydetect.stages.base import CpuPreprocessor, PreparedBatch, Rows, choose_stages, make_postprocessor
 from raydetect.stages.postprocess import nms_outputs_close
-from raydetect.stages.preprocess import Letterbox, unletterbox_boxes
+from raydetect.stages.preprocess import Letterbox, unletterbox_many
 from raydetect.types import DetectionArray, ImageResult, ModelIdentity, results_to_table
 
 log = logging.getLogger(__name__)
@@ -225,11 +225,14 @@ class Detector:
         """Stage 3: the engine's output → rows per image (letterboxed model coordinates)."""
         return self.postprocessor(preds, conf, iou, max_det)
 
-    def to_detections(self, rows: Rows, geom: Letterbox, oh: int, ow: int) -> DetectionArray:
-        """Rows in letterboxed coordinates → detections in original pixels with names (an
-        array-backed sequence: no Python object per box until one is read)."""
-        boxes, scores, cls = rows
-        return DetectionArray.from_rows(unletterbox_boxes(boxes, geom, oh, ow), scores, cls, self.card.names)
+    def to_detections(self, rows: Sequence[Rows], geoms: Sequence[Letterbox],
+                      sizes: Sequence[tuple[int, int]]) -> list[DetectionArray]:
+        """Stage 4: the rows of each image (letterboxed coordinates), its letterbox and original
+        ``(h, w)`` → its detections in original pixels with names (array-backed sequences: no
+        Python object per box until one is read). One pass over the boxes of all images."""
+        boxes = unletterbox_many([r[0] for r in rows], list(geoms), list(sizes))
+        names = self.card.names
+        return [DetectionArray.from_rows(b, r[1], r[2], names) for b, r in zip(boxes, rows, strict=True)]
 
     # --- detection ----------------------------------------------------------------------
     def detect(
@@ -317,8 +320,9 @@ class Detector:
                     t3 = time.perf_counter()
                 try:
                     rows = self.rows(preds, c, u, m)
-                    for i, geom, r in zip(ids, p.geoms, rows, strict=True):
-                        results[i].detections = self.to_detections(r, geom, results[i].height, results[i].width)
+                    dets = self.to_detections(rows, p.geoms, [(results[i].height, results[i].width) for i in ids])
+                    for i, d in zip(ids, dets, strict=True):
+                        results[i].detections = d
                 except Exception as e:
                     log.exception("postprocessing failed on a batch of %d", len(ids))
                     for i in ids:

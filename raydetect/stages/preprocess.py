@@ -105,6 +105,26 @@ def unletterbox_boxes(boxes: np.ndarray, g: Letterbox, orig_h: int, orig_w: int)
     return out
 
 
+def unletterbox_many(boxes: list[np.ndarray], geoms: list[Letterbox], sizes: list[tuple[int, int]]) -> list[np.ndarray]:
+    """:func:`unletterbox_boxes` for the boxes of many images at once (``sizes``: original
+    ``(h, w)`` each): the same float32 arithmetic, one pass over all boxes instead of a dozen
+    NumPy calls per image; returns one ``[k, 4]`` view per image."""
+    n = len(boxes)
+    counts = np.fromiter((len(b) for b in boxes), dtype=np.int64, count=n)
+    if not counts.any():
+        return [np.zeros((0, 4), np.float32) for _ in range(n)]
+    out = np.concatenate([b.reshape(-1, 4) for b in boxes]).astype(np.float32, copy=False)
+    # per image: pad x, pad y, gain x, gain y, width, height (float32, as the one-image path)
+    per = np.array([(g.pad_left, g.pad_top, g.gain_x, g.gain_y, w, h) for g, (h, w) in zip(geoms, sizes, strict=True)],
+                   dtype=np.float64).astype(np.float32)
+    rep = np.repeat(per, counts, axis=0)
+    for v, c in ((out[:, 0::2], 0), (out[:, 1::2], 1)):
+        v -= rep[:, c : c + 1]
+        v /= rep[:, c + 2 : c + 3]
+        np.minimum(np.maximum(v, np.float32(0), out=v), rep[:, c + 4 : c + 5], out=v)
+    return np.split(out, np.cumsum(counts)[:-1])
+
+
 def letterbox_boxes(boxes: np.ndarray, g: Letterbox) -> np.ndarray:
     """Inverse of :func:`unletterbox_boxes` (without clipping); used by tests and calibration."""
     out = boxes.astype(np.float32, copy=True)

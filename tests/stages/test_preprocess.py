@@ -15,6 +15,7 @@ from raydetect.stages.preprocess import (
     letterbox_geometry,
     to_tensor,
     unletterbox_boxes,
+    unletterbox_many,
 )
 from tests.conftest import photo_paths
 
@@ -28,6 +29,21 @@ def test_letterbox_roundtrip_boxes_within_one_pixel(h, w):
     g = letterbox_geometry(h, w, 640, 640)
     back = unletterbox_boxes(letterbox_boxes(boxes, g), g, h, w)
     assert np.abs(back - boxes).max() < 1.0
+
+
+def test_unletterbox_many_is_unletterbox_per_image():
+    """The detector's one pass over all images' boxes gives exactly (bit for bit) what the
+    one-image function gives, clipping included, for images with and without boxes."""
+    rng = np.random.default_rng(7)
+    sizes = [(int(rng.integers(17, 1200)), int(rng.integers(17, 2000))) for _ in range(40)]
+    geoms = [letterbox_geometry(h, w, 640, 480) for h, w in sizes]
+    boxes = [(rng.random((int(rng.integers(0, 9)), 4)) * 760 - 60).astype(np.float32) for _ in sizes]
+    many = unletterbox_many(boxes, geoms, sizes)
+    assert len(many) == len(sizes) and any(len(b) == 0 for b in boxes)
+    for b, g, (h, w), got in zip(boxes, geoms, sizes, many, strict=True):
+        assert got.dtype == np.float32 and np.array_equal(got, unletterbox_boxes(b, g, h, w))
+    empty = unletterbox_many([np.zeros((0, 4), np.float32)] * 2, geoms[:2], sizes[:2])
+    assert [e.shape for e in empty] == [(0, 4), (0, 4)]
 
 
 @pytest.mark.parametrize("h,w", [(144, 780), (480, 640), (736, 1104), (500, 333)])

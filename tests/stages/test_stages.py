@@ -60,9 +60,8 @@ def test_detector_uses_public_stages():
     n = len(p.rows)
     conf, iou, max_det = [0.25] * n, [0.7] * n, [300] * n
     rows = det.rows(det.infer(p, conf, iou, max_det), conf, iou, max_det)
-    for i, geom, r in zip(p.rows, p.geoms, rows, strict=True):
-        h, w = p.sizes[i]
-        assert det.to_detections(r, geom, h, w) == want[i].detections
+    dets = det.to_detections(rows, p.geoms, [p.sizes[i] for i in p.rows])
+    assert dets == [want[i].detections for i in p.rows] and len(dets) == n
 
 
 def test_error_kinds_are_set_where_the_error_is_caught():
