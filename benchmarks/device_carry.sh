@@ -163,7 +163,7 @@ c12)
   pack_stripped "$ns" "$DEST/nvimg.tar.xz"
   rm -rf "$whl"
   xz -9 -c "$DATA/models/yolov8n-defects.onnx" > "$DEST/yolov8n-defects.onnx.xz"
-  mkdir -p "$DEST/images" && cp "$DATA"/images/*.jpg "$DEST/images/"
+  mkdir -p "$DEST/images" && cp "$DATA"/images/*.jpg "$DATA"/images/*.webp "$DEST/images/"
   # the GPU tests' decode inputs (grey baseline JPEGs; decoded and compared, never trained or
   # calibrated on) and py-spy, for a profile of a detector actor in the job's steady state
   mkdir -p "$DEST/defects/images/test"

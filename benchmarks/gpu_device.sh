@@ -92,8 +92,10 @@ if [[ ",$STEPS," == *,pool,* ]]; then
     sb=${run%%:*} sw=; name=sb$sb
     [[ "$run" == *:* ]] && { sw=${run#*:}; name=sb${sb}_sw$sw; }
     timeout $(left) python3 benchmarks/shared_pool.py --model $M --files ${POOL_FILES:-20000} --duration 8 \
-      --serve-batch-size $sb ${sw:+--switch-interval-ms $sw} --out "$OUT/shared_pool_gpu_$name" 2>&1 \
-      | grep -E "^(shared_pool|\||Traceback|[A-Za-z]*Error)" | tail -20
+      --serve-batch-size $sb ${sw:+--switch-interval-ms $sw} --out "$OUT/shared_pool_gpu_$name" \
+      > "$OUT/shared_pool_gpu_$name.log" 2>&1
+    grep -E "^(shared_pool|\|)" "$OUT/shared_pool_gpu_$name.log" | tail -20
+    grep -A30 "^Traceback" "$OUT/shared_pool_gpu_$name.log" | grep -vE "^\s*$" | tail -12
     echo "pool ($run) done at $(( $(date +%s) - t0 )) s"
   done
 fi

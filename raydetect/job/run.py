@@ -128,6 +128,9 @@ def build_dataset(cfg: JobConfig, files: list[str], fs, serve_info: dict | None 
                 "model_sha256": serve_info["sha256"],
                 # one archive batch = one archive-only engine call of a replica
                 "sub_batch": serve_info.get("engine_batch_size") or serve_info["max_batch_size"],
+                # what one handle call may carry (Serve's gRPC transport), as the replicas report it
+                "max_request_bytes": serve_info.get("max_request_bytes"),
+                "precision": serve_info.get("precision"),
                 "conf": det.conf,
                 "iou": det.iou,
                 "max_det": det.max_det,

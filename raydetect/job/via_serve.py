@@ -31,6 +31,45 @@ ARCHIVE_BUSY = "busy"
 INFO_METHOD = "archive_info"
 #: How long a call keeps retrying a dead/unavailable replica before the job task fails.
 RETRY_WINDOW_S = 120.0
+#: Room left in a request for what is not image bytes (pickled lists, URIs, parameters).
+REQUEST_OVERHEAD = 64 * 1024
+
+
+def replica_request_limit() -> int | None:
+    """The most bytes one handle call can carry to a replica of this Ray instance: Serve's
+    gRPC transport between deployments (on with ``RAY_SERVE_THROUGHPUT_OPTIMIZED``, the HAProxy
+    ingress) refuses larger messages (``RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH``, 4 MiB by
+    default). None: no such limit (Ray's object transport)."""
+    try:
+        from ray.serve._private import constants
+    except ImportError:  # pragma: no cover - Ray without Serve
+        return None
+    if not getattr(constants, "RAY_SERVE_USE_GRPC_BY_DEFAULT", False):
+        return None
+    return getattr(constants, "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH", None)
+
+
+def split_requests(sizes: list[int], max_images: int, max_bytes: int | None) -> tuple[list[list[int]], list[int]]:
+    """Indices of images (``sizes`` in bytes) cut into requests of at most ``max_images``
+    images and ``max_bytes`` bytes (less :data:`REQUEST_OVERHEAD`), in order; and the images too
+    large to travel alone."""
+    budget = None if max_bytes is None else max(1, max_bytes - REQUEST_OVERHEAD)
+    requests: list[list[int]] = []
+    too_large: list[int] = []
+    cur: list[int] = []
+    used = 0
+    for i, n in enumerate(sizes):
+        if budget is not None and n > budget:
+            too_large.append(i)
+            continue
+        if cur and (len(cur) >= max_images or (budget is not None and used + n > budget)):
+            requests.append(cur)
+            cur, used = [], 0
+        cur.append(i)
+        used += n
+    if cur:
+        requests.append(cur)
+    return requests, too_large
 
 
 class ServeAppError(ConfigError):
@@ -96,12 +135,15 @@ class ServeCaller:
     retried with backoff for up to :data:`RETRY_WINDOW_S`."""
 
     def __init__(self, app: str, model_sha256: str, sub_batch: int, conf: float, iou: float,
-                 max_det: int, uri_prefix: str = "", job: str = "raydetect") -> None:
+                 max_det: int, uri_prefix: str = "", job: str = "raydetect", max_request_bytes: int | None = None,
+                 precision: str | None = None) -> None:
         from raydetect.job.metrics import JobMetrics
 
         self.app = app
         self.model_sha256 = model_sha256
+        self.precision = precision
         self.sub_batch = max(1, int(sub_batch))
+        self.max_request_bytes = max_request_bytes
         self.params = {"conf": conf, "iou": iou, "max_det": max_det}
         self.uri_prefix = uri_prefix
         self.metrics = JobMetrics(job)
@@ -117,9 +159,11 @@ class ServeCaller:
         t0 = time.perf_counter()
         images = [bytes(b) for b in batch["bytes"]]
         uris = [self.uri_prefix + str(p) for p in batch["path"]]
-        chunks = [(images[s : s + self.sub_batch], uris[s : s + self.sub_batch])
-                  for s in range(0, len(images), self.sub_batch)]
+        requests, too_large = split_requests([len(b) for b in images], self.sub_batch, self.max_request_bytes)
+        chunks = [([images[i] for i in r], [uris[i] for i in r]) for r in requests]
         tables: list[pa.Table | None] = [None] * len(chunks)
+        if too_large:
+            tables.append(self._too_large([uris[i] for i in too_large], [len(images[i]) for i in too_large]))
         pending = {i: self.handle().remote(imgs, us, **self.params) for i, (imgs, us) in enumerate(chunks)}
         first_failure: dict[int, float] = {}
         delay = 0.01
@@ -157,6 +201,19 @@ class ServeCaller:
         table = pa.concat_tables([t for t in tables if t is not None])
         self.metrics.record(table, time.perf_counter() - t0)
         return table
+
+    def _too_large(self, uris: list[str], sizes: list[int]) -> pa.Table:
+        """Error rows for images larger than one request to a replica may be (no engine ran)."""
+        from raydetect.types import ImageResult, ModelIdentity, results_to_table
+
+        results = []
+        for uri, n in zip(uris, sizes, strict=True):
+            r = ImageResult(uri=uri)
+            r.fail(f"{n} bytes: larger than one request to the Serve replicas may be ({self.max_request_bytes} "
+                   f"bytes, RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH); run it without --via-serve",
+                   "too_large")
+            results.append(r)
+        return results_to_table(results, ModelIdentity(sha256=self.model_sha256, precision=self.precision))
 
     def _check_model(self, table: pa.Table) -> None:
         if table.num_rows == 0:

@@ -23,7 +23,7 @@ from ray import serve
 
 from raydetect.config import CONF_BOUNDS, IOU_BOUNDS, MAX_DET_BOUNDS, ServeConfig, validate
 from raydetect.detector import Detector
-from raydetect.job.via_serve import ARCHIVE_BUSY
+from raydetect.job.via_serve import ARCHIVE_BUSY, replica_request_limit
 from raydetect.serve import autoscale as serve_autoscale
 from raydetect.serve import metrics as serve_metrics
 from raydetect.serve.http import (
@@ -260,6 +260,7 @@ class DetectorServer:
             "max_batch_size": self.cfg.max_batch_size,
             "engine_batch_size": self.detector.chunk,  # images per archive-only engine call
             "archive_max_batches": self.cfg.archive_max_batches,
+            "max_request_bytes": replica_request_limit(),  # bytes one archive batch may carry
             "max_pixels": det.max_pixels,
             "max_bytes": det.max_bytes,
             "device": info["device"],

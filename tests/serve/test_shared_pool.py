@@ -88,6 +88,56 @@ def test_job_via_serve_writes_the_standalone_rows(pool, inputs, tmp_path):
     assert again.processed == 0 and again.shards_skipped == again.shards == 3
 
 
+def test_requests_stay_within_the_replicas_message_limit(ray_local, inputs, tmp_path):
+    """Serve's gRPC transport (the HAProxy ingress) refuses handle calls larger than the
+    replica's RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH: the job cuts its archive batches to
+    fit, and an image too large to travel alone is an error row; the other rows are the
+    standalone job's."""
+    from ray import serve
+
+    from raydetect.config import ServeConfig
+    from raydetect.job.via_serve import REQUEST_OVERHEAD, connect
+    from raydetect.serve.app import DetectorServer, deployment_options
+
+    limit = 200_000
+    cfg = validate(ServeConfig, serve_args(), "serve")
+    opts = deployment_options(cfg)
+    opts["ray_actor_options"]["runtime_env"] = {"env_vars": {"RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH": str(limit)}}
+    app = "poolsmall"
+    serve.run(DetectorServer.options(**opts).bind(cfg.model_dump(mode="json")), name=app, route_prefix="/small")
+    try:
+        _, info = connect(app)
+        assert info["max_request_bytes"] == limit
+        sizes = {p.name: p.stat().st_size for p in inputs.iterdir()}
+        big = sorted(n for n, b in sizes.items() if b > limit - REQUEST_OVERHEAD)
+        assert big == ["cat22.jpg"] and sum(sizes.values()) > 3 * limit
+        alone = run_job(job_cfg(inputs, tmp_path / "alone"))
+        served = run_job(job_cfg(inputs, tmp_path / "served", via_serve=app, rows_per_call=16, shard_size=8))
+        assert served.images == alone.images == 20 and served.errors == alone.errors + 1
+        a = {r.uri: r for r in rows_of(tmp_path / "alone")[1]}
+        s = {r.uri: r for r in rows_of(tmp_path / "served")[1]}
+        assert sorted(a) == sorted(s)
+        for uri, ra in a.items():
+            rs = s[uri]
+            if uri.endswith("cat22.jpg"):
+                assert rs.error.startswith(f"{sizes['cat22.jpg']} bytes: larger than one request") and not rs.detections
+                continue
+            assert (rs.width, rs.height, rs.error) == (ra.width, ra.height, ra.error)
+            assert_same_detections(as_tuples(rs.detections), as_tuples(ra.detections))
+    finally:
+        serve.delete(app)
+
+
+def test_split_requests():
+    from raydetect.job.via_serve import REQUEST_OVERHEAD, split_requests
+
+    o = REQUEST_OVERHEAD
+    assert split_requests([5, 5, 5], 2, None) == ([[0, 1], [2]], [])
+    assert split_requests([10, 30, 25, 50, 5], 8, o + 50) == ([[0, 1], [2], [3], [4]], [])
+    assert split_requests([10, 51, 20], 8, o + 50) == ([[0, 2]], [1])
+    assert split_requests([], 4, o + 50) == ([], [])
+
+
 def _local(path):
     import fsspec
 
