@@ -131,7 +131,6 @@ def to_markdown(doc: dict) -> str:
         f"{doc['model'].get('device')}); {a['files']} JPEGs 640x480; {a['replicas']} replicas x "
         f"{a['num_gpus']} GPU, max_batch_size {a['max_batch_size']}, archive engine batch "
         f"{a.get('serve_batch_size', a['max_batch_size'])}, batch_wait {a['batch_wait_ms']} ms, "
-        f"thread switch interval {a.get('switch_interval_ms') or 5} ms, "
         f"archive_max_batches {a['archive_max_batches']}; {a['clients']} online clients; job via serve: "
         f"{a['callers']} callers x {a['rows_per_call']} rows/call; standalone: 1 actor x "
         f"{a['standalone_gpus']} GPU, {a['standalone_actor_concurrency']} threads, {a['rows_per_call']} rows/call, "
@@ -190,8 +189,6 @@ def main(argv: list[str] | None = None) -> int:
                    help="the replicas' engine batch, i.e. images per archive-only engine call (default: "
                    "--standalone-batch-size; --max-batch-size gives the archive the online batch size)")
     p.add_argument("--batch-wait-ms", type=float, default=5.0)
-    p.add_argument("--switch-interval-ms", type=float, default=None,
-                   help="ServeConfig.switch_interval_ms of the replicas (default: Python's 5 ms)")
     p.add_argument("--archive-max-batches", type=int, default=4)
     p.add_argument("--clients", type=int, default=32)
     p.add_argument("--client-procs", type=int, default=4)
@@ -263,7 +260,6 @@ def main(argv: list[str] | None = None) -> int:
         app_args = {**det, "replicas": str(args.replicas), "num_cpus": args.num_cpus, "num_gpus": args.num_gpus,
                     "max_batch_size": args.max_batch_size, "batch_wait_ms": args.batch_wait_ms,
                     "batch_size": args.serve_batch_size,
-                    "switch_interval_ms": args.switch_interval_ms,
                     "archive_max_batches": args.archive_max_batches,
                     "max_ongoing_requests": max(64, 2 * args.clients + args.archive_max_batches)}
         serve.run(app_builder(app_args), name=APP, route_prefix="/")

@@ -306,12 +306,6 @@ class ServeConfig(_Strict):
         "engine runs on a GPU (a batch costs about one image there); on a CPU every image adds its "
         "own time, so filling would slow the online request by up to one batch",
     )
-    switch_interval_ms: float | None = Field(
-        None, gt=0.0, le=100.0,
-        description="Python's thread switch interval in each replica (sys.setswitchinterval); a "
-        "shorter one lets the request loop in sooner while the engine thread holds the GIL "
-        "preparing a batch. None: Python's own (5 ms)",
-    )
     archive_max_replicas: int | None = Field(
         None, ge=0, le=1000,
         description="Most replicas archive work alone may keep alive when autoscaling (online load "

@@ -10,7 +10,6 @@ raydetect.serve:app_builder model=M`` or ``serve run deploy/serve_config.yaml``.
 
 import asyncio
 import logging
-import sys
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -156,8 +155,6 @@ class DetectorServer:
     def __init__(self, config: dict[str, Any] | ServeConfig) -> None:
         cfg = config if isinstance(config, ServeConfig) else validate(ServeConfig, config, "serve")
         self.cfg = cfg
-        if cfg.switch_interval_ms is not None:  # process-wide: this replica's own worker process
-            sys.setswitchinterval(cfg.switch_interval_ms / 1e3)
         self.api_key = read_api_key(cfg.api_key_env)
         det = cfg.detector
         if det.batch_size < cfg.max_batch_size:  # one engine call per batch of requests
