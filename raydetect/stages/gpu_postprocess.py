@@ -132,14 +132,18 @@ def batched_postprocess(
     k_img = img[keep]
     order = torch.sort(k_img, stable=True).indices
     keep, k_img = keep[order], k_img[order]
+    # kept boxes per image by scatter_add (torch.bincount waits for the GPU to size its output)
+    per_img = torch.zeros(b, dtype=torch.long, device=keep.device).scatter_add_(0, k_img, torch.ones_like(k_img))
     first = torch.zeros(b + 1, dtype=torch.long, device=keep.device)
-    first[1:] = torch.cumsum(torch.bincount(k_img, minlength=b), 0)
+    first[1:] = torch.cumsum(per_img, 0)
     rank = torch.arange(len(keep), device=keep.device) - first[k_img]
-    keep = keep[rank < max_det]
     packed = torch.cat(
-        [boxes[keep], scores[keep, None], cls[keep, None].to(torch.float32), img[keep, None].to(torch.float32)],
+        [boxes[keep], scores[keep, None], cls[keep, None].to(torch.float32), img[keep, None].to(torch.float32),
+         rank[:, None].to(torch.float32)],
         dim=1,
     ).cpu().numpy()  # the one device→host copy of results
+    # the max_det cut on the host: a boolean index on the device would wait for the GPU once more
+    packed = packed[packed[:, 7] < max_det]
     bounds = np.searchsorted(packed[:, 6], np.arange(b + 1) - 0.5)
     out: list[Rows] = []
     for i in range(b):
