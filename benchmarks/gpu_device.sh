@@ -70,7 +70,7 @@ fi
 if [[ ",$STEPS," == *,pipeline,* ]]; then
   timeout $(( $(left) - ${POOL_S:-0} )) python3 benchmarks/gpu_pipeline.py --model $M --models $M \
     --batches 64,256 --sections ${SECTIONS:-engine,ready,e2e} --files ${FILES:-40000} --seconds 1.0 \
-    --e2e ${E2E:-nvjpeg_3actors_t2_r256,nvjpeg_4actors_t2_r256,nvimg_3actors_t2_r256,nvimg_4actors_t2_r256} \
+    --e2e ${E2E:-nvjpeg_4actors_t2_r256,nvimg_4actors_t2_r256,nvjpeg_1actor_t4_r256,nvjpeg_2actors_t4_r256,nvimg_2actors_t4_r256} \
     --out "$OUT" --name gpu_pipeline_dev 2>&1 | tail -30
   echo "pipeline done at $(( $(date +%s) - t0 )) s"
 fi

@@ -903,6 +903,11 @@ E2E_VARIANTS = [
     {"name": "nvjpeg_4actors_t2_r256", "decoder": "nvjpeg", "actors": 4, "actor_concurrency": 2, "rows_per_call": 256},
     {"name": "nvimg_3actors_t2_r256", "decoder": "nvimgcodec", "actors": 3, "actor_concurrency": 2, "rows_per_call": 256},
     {"name": "nvimg_4actors_t2_r256", "decoder": "nvimgcodec", "actors": 4, "actor_concurrency": 2, "rows_per_call": 256},
+    # one CUDA context per GPU, calls on a stream per thread (kernels of one context overlap;
+    # those of several processes are time-sliced)
+    {"name": "nvjpeg_1actor_t4_r256", "decoder": "nvjpeg", "actors": 1, "actor_concurrency": 4, "rows_per_call": 256},
+    {"name": "nvjpeg_2actors_t4_r256", "decoder": "nvjpeg", "actors": 2, "actor_concurrency": 4, "rows_per_call": 256},
+    {"name": "nvimg_2actors_t4_r256", "decoder": "nvimgcodec", "actors": 2, "actor_concurrency": 4, "rows_per_call": 256},
     {"name": "compiled_b128_t2_r512", "batch": 128, "actor_concurrency": 2, "rows_per_call": 512},
     {"name": "eager_t2_r256", "compile": "off", "actor_concurrency": 2, "rows_per_call": 256},
     {"name": "photos_compiled_t2_r256", "set": "photos", "actor_concurrency": 2, "rows_per_call": 256},

@@ -11,8 +11,10 @@ while the GPU runs chunk k; its stage timings come back with the results (``spee
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import numbers
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -96,6 +98,7 @@ class Detector:
         self.overlap = True
         #: Totals over this detector's life: bytes uploaded, images per decoder.
         self.gpu_counters: dict[str, int] = {"h2d_bytes": 0, "nvjpeg": 0, "cpu_decoded": 0}
+        self._streams = threading.local()  # the CUDA stream of each calling thread
 
     # --- stages -------------------------------------------------------------------------
     def _choose_stages(self) -> None:
@@ -262,6 +265,34 @@ class Detector:
         max_det: int | Sequence[int] | None = None,
     ) -> tuple[list[ImageResult], Timings]:
         """:meth:`detect`, and the call's :class:`Timings`."""
+        with self._thread_stream():
+            return self._detect_timed(images, uris, conf, iou, max_det)
+
+    @contextlib.contextmanager
+    def _thread_stream(self):
+        """On a CUDA engine, a stream of the calling thread's own for the data path (decode,
+        letterbox, NMS; the engine joins it): concurrent calls (an actor's threads, Serve's
+        worker threads) overlap on the GPU in one context, and each call's waits for the GPU
+        wait only for its own work, not for the other threads' on the default stream. It
+        starts after what the caller queued (device-tensor inputs such as decoded video
+        frames) and is finished when the call returns."""
+        if not str(self.engine.device).startswith("cuda"):
+            yield
+            return
+        import torch
+
+        dev = torch.device(self.engine.device)
+        stream = getattr(self._streams, "stream", None)
+        if stream is None:
+            stream = self._streams.stream = torch.cuda.Stream(dev)
+        stream.wait_stream(torch.cuda.current_stream(dev))
+        try:
+            with torch.cuda.stream(stream):
+                yield
+        finally:
+            stream.synchronize()
+
+    def _detect_timed(self, images, uris, conf, iou, max_det) -> tuple[list[ImageResult], Timings]:
         cfg = self.config
         n = len(images)
         conf = _per_image(cfg.conf if conf is None else conf, n, "conf")

@@ -273,6 +273,40 @@ def test_end_to_end_detections_vs_cpu_path():
         assert total > 0 and hit >= 0.95 * total
 
 
+def test_detector_calls_from_several_threads_equal_one_at_a_time():
+    """Each calling thread runs its data path on a CUDA stream of its own (the engine joins it):
+    four threads at once give exactly the rows of one call at a time, device-tensor inputs
+    queued by the caller on its stream included."""
+    paths = defect_jpegs(24) + photo_paths()
+    blobs = [p.read_bytes() for p in paths]
+    det = Detector(gpu_config(TRAINED, conf=0.25, batch_size=8))
+    want = {k: det.detect(blobs[k::2]) for k in (0, 1)}  # the same calls, one at a time
+    assert sum(len(r.detections) for k in want for r in want[k]) >= 10
+    got: dict[int, list] = {}
+
+    def work(i: int) -> None:
+        k = i % 2
+        side = torch.cuda.Stream()
+        with torch.cuda.stream(side):  # the caller's own stream: its frames are queued there
+            frames = [torch.from_numpy(np.ascontiguousarray(decode_image(b, BIG, BIG)[..., ::-1].transpose(2, 0, 1)))
+                      .to("cuda", non_blocking=True) for b in blobs[:6]]
+            got[i] = [det.detect(blobs[k::2]) for _ in range(5)] + [det.detect(frames)]
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    ref_frames = Detector(gpu_config(TRAINED, conf=0.25, batch_size=8, image_decoder="cpu")).detect(blobs[:6])
+    assert sorted(got) == [0, 1, 2, 3]  # every thread finished (an exception would leave a gap)
+    for i, calls in got.items():
+        k = i % 2
+        for rows in calls[:-1]:
+            assert [(r.height, r.width, r.detections) for r in rows] == [(r.height, r.width, r.detections)
+                                                                          for r in want[k]]
+        assert [r.detections for r in calls[-1]] == [r.detections for r in ref_frames]
+
+
 # --- the compiled engine, nvImageCodec, device-tensor inputs -------------------------------------
 
 
