@@ -532,10 +532,89 @@ def bench_detector(model: str, sets: dict[str, Any], device: str, batch: int, n:
                 stages["to_table"] += time.perf_counter() - t
                 nb += len(part)
             row["stage_ms_per_image"] = {k: r3(v / nb * 1e3) for k, v in stages.items()}
+            if device.startswith("cuda"):
+                try:
+                    row["gpu_kernels"] = stage_kernel_times(det, blobs[: 10 * batch], batch, device, work)
+                except Exception as e:  # the profiler is a measurement aid, not the pipeline
+                    row["gpu_kernels"] = {"error": f"{type(e).__name__}: {e}"}
             out[f"{decoder}_{name}"] = row
             log(f"detector {decoder} {name}: {row}")
         del det
     return out
+
+
+def stage_kernel_times(det, blobs: list[bytes], batch: int, device: str, work: Path) -> dict[str, Any]:
+    """GPU time per image of each public stage (the kernels and copies its calls launched, by
+    CUPTI correlation to the launching call inside the stage's range) and the top kernels:
+    where the GPU's time goes besides the engine."""
+    from torch.autograd.profiler import record_function
+    from torch.profiler import ProfilerActivity, profile
+
+    def one_pass() -> int:
+        n = 0
+        for s in range(0, len(blobs), batch):
+            with record_function("stage:prepare"):
+                p = det.prepare(blobs[s : s + batch])
+            k = len(p.rows)
+            c, u, m = [0.25] * k, [0.7] * k, [300] * k
+            with record_function("stage:infer"):
+                preds = det.infer(p, c, u, m)
+            with record_function("stage:nms"):
+                det.rows(preds, c, u, m)
+            n += k
+        return n
+
+    one_pass()  # warm
+    sync(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        n = one_pass()
+        sync(device)
+        wall = time.perf_counter() - t0
+    trace = work / "kernels_trace.json"
+    prof.export_chrome_trace(str(trace))
+    events = json.loads(trace.read_text()).get("traceEvents", [])
+    trace.unlink()
+    ranges = [(e["name"][6:], e["ts"], e["ts"] + e.get("dur", 0), e.get("tid")) for e in events
+              if str(e.get("name", "")).startswith("stage:") and e.get("ph") == "X" and e.get("cat") == "user_annotation"]
+    launches = {}  # correlation id -> (ts, tid) of the runtime call that launched it
+    for e in events:
+        if e.get("cat") == "cuda_runtime" or e.get("cat") == "cuda_driver":
+            corr = (e.get("args") or {}).get("correlation")
+            if corr is not None:
+                launches[corr] = (e["ts"], e.get("tid"))
+    per_stage: dict[str, float] = {}
+    kernels: dict[str, float] = {}
+    busy: list[tuple[float, float]] = []
+    for e in events:
+        if e.get("cat") not in ("kernel", "gpu_memcpy", "gpu_memset") or e.get("ph") != "X":
+            continue
+        dur = float(e.get("dur", 0))
+        busy.append((e["ts"], e["ts"] + dur))
+        name = str(e.get("name", ""))[:80]
+        kernels[name] = kernels.get(name, 0.0) + dur
+        ts, tid = launches.get((e.get("args") or {}).get("correlation"), (None, None))
+        stage = "other"
+        if ts is not None:
+            for rname, a, b, rtid in ranges:
+                if a <= ts <= b and rtid == tid:
+                    stage = rname
+                    break
+        per_stage[stage] = per_stage.get(stage, 0.0) + dur
+    busy.sort()
+    covered, end = 0.0, float("-inf")
+    for a, b in busy:  # union of the kernel intervals: the time the GPU had work
+        if b > end:
+            covered += b - max(a, end)
+            end = b
+    top = sorted(kernels.items(), key=lambda kv: -kv[1])[:10]
+    return {
+        "images": n,
+        "gpu_ms_per_image_by_stage": {k: r3(v / 1e3 / n) for k, v in sorted(per_stage.items())},
+        "gpu_busy_ms_per_image": r3(covered / 1e3 / n),
+        "wall_ms_per_image": r3(wall * 1e3 / n),
+        "top_kernels_ms_per_image": {k: r3(v / 1e3 / n) for k, v in top},
+    }
 
 
 # --- end to end: the Ray Data job --------------------------------------------------------------
@@ -749,6 +828,11 @@ def summary_rows(data: dict[str, Any]) -> list[tuple[str, str]]:
             ov = {k: v for k, v in row.items() if k.startswith("images_per_s")}
             rows.append((f"detector {name} per batch", f"p50 {lat['p50']} ms p99 {lat['p99']} ms; {ov}"))
             rows.append((f"detector {name} ms/image by stage", str(row.get("stage_ms_per_image"))))
+            k = row.get("gpu_kernels") or {}
+            if "gpu_ms_per_image_by_stage" in k:
+                rows.append((f"detector {name} GPU ms/image by stage (busy {k['gpu_busy_ms_per_image']}, "
+                             f"wall {k['wall_ms_per_image']})", str(k["gpu_ms_per_image_by_stage"])))
+                rows.append((f"detector {name} top kernels, GPU ms/image", str(k["top_kernels_ms_per_image"])))
     for name, row in s.get("ready", {}).items():
         if isinstance(row, dict):
             rows.append((f"detector ready in a fresh process ({name} cache)",
