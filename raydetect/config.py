@@ -306,6 +306,13 @@ class ServeConfig(_Strict):
         "engine runs on a GPU (a batch costs about one image there); on a CPU every image adds its "
         "own time, so filling would slow the online request by up to one batch",
     )
+    archive_overlap: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="An online batch runs beside a running archive-only engine call instead of "
+        "waiting for it: 'auto' = where the engine runs on a GPU (the online call's data path on "
+        "the highest-priority CUDA stream, so the GPU runs its kernels first); on a CPU both "
+        "calls would share the cores",
+    )
     archive_max_replicas: int | None = Field(
         None, ge=0, le=1000,
         description="Most replicas archive work alone may keep alive when autoscaling (online load "

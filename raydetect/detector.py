@@ -263,13 +263,16 @@ class Detector:
         conf: float | Sequence[float] | None = None,
         iou: float | Sequence[float] | None = None,
         max_det: int | Sequence[int] | None = None,
+        stream_priority: int = 0,
     ) -> tuple[list[ImageResult], Timings]:
-        """:meth:`detect`, and the call's :class:`Timings`."""
-        with self._thread_stream():
+        """:meth:`detect`, and the call's :class:`Timings`. ``stream_priority``: the CUDA stream
+        priority of the call's data path on a GPU (lower runs first; clamped to the device's
+        range: the online endpoint gives its calls the highest)."""
+        with self._thread_stream(stream_priority):
             return self._detect_timed(images, uris, conf, iou, max_det)
 
     @contextlib.contextmanager
-    def _thread_stream(self):
+    def _thread_stream(self, priority: int = 0):
         """On a CUDA engine, a stream of the calling thread's own for the data path (decode,
         letterbox, NMS; the engine joins it): concurrent calls (an actor's threads, Serve's
         worker threads) overlap on the GPU in one context, and each call's waits for the GPU
@@ -282,9 +285,12 @@ class Detector:
         import torch
 
         dev = torch.device(self.engine.device)
-        stream = getattr(self._streams, "stream", None)
+        streams = getattr(self._streams, "by_priority", None)
+        if streams is None:
+            streams = self._streams.by_priority = {}
+        stream = streams.get(priority)
         if stream is None:
-            stream = self._streams.stream = torch.cuda.Stream(dev)
+            stream = streams[priority] = torch.cuda.Stream(dev, priority=priority)
         stream.wait_stream(torch.cuda.current_stream(dev))
         try:
             with torch.cuda.stream(stream):

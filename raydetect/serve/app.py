@@ -165,20 +165,25 @@ class DetectorServer:
             det = det.model_copy(update={"torch": det.torch.model_copy(
                 update={"compile_batches": (1, 8, cfg.max_batch_size)})})
         self.detector = Detector(det)
-        self._idle: asyncio.Event | None = None
+        self._calls = 0  # engine calls running (online or archive)
+        self._online_calls = 0  # online engine calls running
         self._pixels = PixelBudget(cfg.max_pixels_in_flight, cfg.admission_timeout_s)
         # Two queues in front of the engine: online requests (Serve's batcher) and archive
         # images (jobs run --via-serve). Archive images fill the rest of each online batch and
         # get an engine call of their own only while no online request waits.
         self._online_waiting = 0  # online images accepted, not yet in an engine call
-        self._online_running = 0  # online images in the engine call now
+        self._online_running = 0  # online images in engine calls now
         self._archive: deque[tuple[_ArchiveBatch, int]] = deque()  # (batch, image index)
         self._archive_batches = 0  # archive batches held (queued or running)
-        self._archive_running = 0  # archive images in the engine call now
+        self._archive_running = 0  # archive images in engine calls now
         self._wake: asyncio.Condition | None = None
         self._archive_task: asyncio.Task | None = None
         on_gpu = str(self.detector.info().get("device") or "").startswith("cuda")
         self._fill = cfg.archive_fill == "on" or (cfg.archive_fill == "auto" and on_gpu)
+        # archive_overlap: on a GPU an online batch does not wait for a running archive-only
+        # call: it runs beside it, its data path on a CUDA stream of the highest priority (the
+        # GPU schedules its kernels first). On a CPU it waits: the cores are the archive call's.
+        self._beside = cfg.archive_overlap == "on" or (cfg.archive_overlap == "auto" and on_gpu)
         self._detect_batched.set_max_batch_size(cfg.max_batch_size)
         self._detect_batched.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
         self.metrics = serve_metrics.install(ServeMetrics(serve.get_replica_context().app_name))
@@ -327,19 +332,19 @@ class DetectorServer:
 
     async def _archive_loop(self) -> None:
         """Runs archive images whenever the engine is free and no online request waits."""
-        idle, wake = self._engine_idle(), self._wake_cond()
+        wake = self._wake_cond()
         while True:
             async with wake:
-                await wake.wait_for(lambda: self._archive and idle.is_set() and self._online_waiting == 0)
-                idle.clear()  # the engine is this call's now; online requests wait for it
+                await wake.wait_for(lambda: self._archive and self._calls == 0 and self._online_waiting == 0)
+                self._calls += 1  # the engine is this call's now (online requests: _online_may_start)
             try:
                 # an archive-only call runs the engine's own batch (the detector's batch_size),
                 # which may be larger than an online batch: online requests arriving meanwhile
-                # wait for at most this one call
+                # run beside it on a GPU, and on a CPU wait for at most this one call
                 taken = self._take_archive(self.detector.chunk)
                 await self._run_engine([], taken)
             finally:
-                idle.set()
+                self._calls -= 1
                 async with wake:
                     wake.notify_all()
 
@@ -352,17 +357,21 @@ class DetectorServer:
         conf = [j.conf for j in jobs] + [b.conf for b, _ in taken]
         iou = [j.iou for j in jobs] + [b.iou for b, _ in taken]
         max_det = [j.max_det for j in jobs] + [b.max_det for b, _ in taken]
-        self._online_running, self._archive_running = len(jobs), len(taken)
+        self._online_running += len(jobs)  # += : an online call may run beside an archive call
+        self._archive_running += len(taken)
         self._note_depths()
+        # online calls first on the GPU: their data path on the highest-priority CUDA stream
+        priority = -100 if jobs and self._beside else 0
         try:
-            results, t = await asyncio.to_thread(self._detect_now, images, uris, conf, iou, max_det)
+            results, t = await asyncio.to_thread(self._detect_now, images, uris, conf, iou, max_det, priority)
         except BaseException as e:  # the engine call itself failed: fail the archive batches
             for b in {id(b): b for b, _ in taken}.values():
                 if not b.done.done():
                     b.done.set_exception(e if isinstance(e, Exception) else RuntimeError(str(e)))
             raise
         finally:
-            self._online_running = self._archive_running = 0
+            self._online_running -= len(jobs)
+            self._archive_running -= len(taken)
             self._note_depths()
         self.metrics.record_engine(
             online=len(jobs),
@@ -460,7 +469,9 @@ class DetectorServer:
         # lets them join one batch when it frees up.
         self._online_waiting += 1
         try:
-            await self._engine_idle().wait()
+            wake = self._wake_cond()
+            async with wake:
+                await wake.wait_for(self._online_may_start)
             result, timings = await self._detect_batched(job)
         finally:
             if not job.taken:  # cancelled (timeout) before a batch took it
@@ -471,11 +482,9 @@ class DetectorServer:
             raise HTTPException(ERROR_STATUS[result.error_kind or "input"], result.error)
         return result, {"decode_ms": decode_ms, **timings}
 
-    def _engine_idle(self) -> asyncio.Event:
-        if self._idle is None:  # made on the replica's event loop, at first use
-            self._idle = asyncio.Event()
-            self._idle.set()
-        return self._idle
+    def _online_may_start(self) -> bool:
+        """No online call running, and on a CPU no archive call either (see ``_beside``)."""
+        return self._online_calls == 0 if self._beside else self._calls == 0
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)  # reset from the config in __init__
     async def _detect_batched(self, jobs: list[_Job]) -> list[tuple[ImageResult, dict[str, float]]]:
@@ -483,17 +492,17 @@ class DetectorServer:
         for j in jobs:
             j.taken = True
         self._online_waiting -= len(jobs)
-        idle = self._engine_idle()
-        idle.clear()
+        self._calls += 1
+        self._online_calls += 1
         # archive images fill the rest of the engine batch (never delaying it: they are queued)
         taken = self._take_archive(self.cfg.max_batch_size - len(jobs)) if self._fill else []
         try:
             results, t, started = await self._run_engine(jobs, taken)
         finally:
-            idle.set()
-            if self._wake is not None:
-                async with self._wake:
-                    self._wake.notify_all()
+            self._calls -= 1
+            self._online_calls -= 1
+            async with self._wake_cond():
+                self._wake_cond().notify_all()
         shared = {
             "preprocess_ms": t.decode * 1e3,
             "inference_ms": t.infer * 1e3,
@@ -503,8 +512,9 @@ class DetectorServer:
         }
         return [(r, {"queue_ms": (started - j.enqueued) * 1e3, **shared}) for r, j in zip(results, jobs, strict=True)]
 
-    def _detect_now(self, images, uris, conf, iou, max_det):
-        return self.detector.detect_timed(images, uris, conf=conf, iou=iou, max_det=max_det)
+    def _detect_now(self, images, uris, conf, iou, max_det, priority: int = 0):
+        return self.detector.detect_timed(images, uris, conf=conf, iou=iou, max_det=max_det,
+                                          stream_priority=priority)
 
 
 # --- building the application -------------------------------------------------------------
