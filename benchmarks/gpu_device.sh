@@ -8,7 +8,7 @@
 # Variables: STEPS (tests,pipeline,pool; default all three), FILES (JPEGs per set; default 40000:
 # ~10 s of steady state at 4k images/s), POOL_FILES (shared_pool.py, default 20000), E2E (gpu_pipeline.py variants), SECTIONS
 # (gpu_pipeline.py sections, default engine,ready,e2e), POOL_S (seconds kept for the pool step when
-# the pipeline step runs), POOL_BATCHES (default '64 16'), PROFILE, PROFILE_S, BASE_E2E (below), TESTS_K
+# the pipeline step runs), POOL_BATCHES (default '64 16'), POOL_OVERLAP (default auto; e.g. 'auto off'), PROFILE, PROFILE_S, BASE_E2E (below), TESTS_K
 # (pytest -k of tests/test_gpu.py), TESTS_S, TOTAL_S.
 # Run (device tool, carry [".c12"]):  bash benchmarks/gpu_device.sh
 # Results: $OUT/gpu_pipeline_dev.json|md, $OUT/shared_pool_gpu_sb{64,16}.json|md, $OUT/gpu_tests.log.
@@ -87,12 +87,16 @@ fi
 if [[ ",$STEPS," == *,pool,* ]]; then
   # POOL_BATCHES: the replicas' engine batch (images per archive-only call), one run each;
   # 16 = the online max_batch_size (how the archive ran until 2026-12-07)
+  # POOL_OVERLAP: the replicas' archive_overlap, one run each (default auto: on, on a GPU)
   for sb in ${POOL_BATCHES:-64 16}; do
-    timeout $(left) python3 benchmarks/shared_pool.py --model $M --files ${POOL_FILES:-20000} --duration 8 \
-      --serve-batch-size $sb --out "$OUT/shared_pool_gpu_sb$sb" > "$OUT/shared_pool_gpu_sb$sb.log" 2>&1
-    grep -E "^(shared_pool|\|)" "$OUT/shared_pool_gpu_sb$sb.log" | tail -20
-    grep -A30 "^Traceback" "$OUT/shared_pool_gpu_sb$sb.log" | grep -vE "^\s*$" | tail -12
-    echo "pool (serve batch $sb) done at $(( $(date +%s) - t0 )) s"
+    for ov in ${POOL_OVERLAP:-auto}; do
+      name=sb$sb; [[ "$ov" != auto ]] && name=${name}_overlap_$ov
+      timeout $(left) python3 benchmarks/shared_pool.py --model $M --files ${POOL_FILES:-20000} --duration 8 \
+        --serve-batch-size $sb --archive-overlap $ov --out "$OUT/shared_pool_gpu_$name" > "$OUT/shared_pool_gpu_$name.log" 2>&1
+      grep -E "^(shared_pool|\|)" "$OUT/shared_pool_gpu_$name.log" | tail -20
+      grep -A30 "^Traceback" "$OUT/shared_pool_gpu_$name.log" | grep -vE "^\s*$" | tail -12
+      echo "pool ($name) done at $(( $(date +%s) - t0 )) s"
+    done
   done
 fi
 ls -la "$OUT"

@@ -131,7 +131,8 @@ def to_markdown(doc: dict) -> str:
         f"{doc['model'].get('device')}); {a['files']} JPEGs 640x480; {a['replicas']} replicas x "
         f"{a['num_gpus']} GPU, max_batch_size {a['max_batch_size']}, archive engine batch "
         f"{a.get('serve_batch_size', a['max_batch_size'])}, batch_wait {a['batch_wait_ms']} ms, "
-        f"archive_max_batches {a['archive_max_batches']}; {a['clients']} online clients; job via serve: "
+        f"archive_max_batches {a['archive_max_batches']}, archive_overlap {a.get('archive_overlap', 'auto')}; "
+        f"{a['clients']} online clients; job via serve: "
         f"{a['callers']} callers x {a['rows_per_call']} rows/call; standalone: 1 actor x "
         f"{a['standalone_gpus']} GPU, {a['standalone_actor_concurrency']} threads, {a['rows_per_call']} rows/call, "
         f"batch {a['standalone_batch_size']}.",
@@ -190,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
                    "--standalone-batch-size; --max-batch-size gives the archive the online batch size)")
     p.add_argument("--batch-wait-ms", type=float, default=5.0)
     p.add_argument("--archive-max-batches", type=int, default=4)
+    p.add_argument("--archive-overlap", choices=("auto", "on", "off"), default="auto",
+                   help="ServeConfig.archive_overlap of the replicas")
     p.add_argument("--clients", type=int, default=32)
     p.add_argument("--client-procs", type=int, default=4)
     p.add_argument("--duration", type=float, default=10.0, help="online seconds per point (at most)")
@@ -261,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
                     "max_batch_size": args.max_batch_size, "batch_wait_ms": args.batch_wait_ms,
                     "batch_size": args.serve_batch_size,
                     "archive_max_batches": args.archive_max_batches,
+                    "archive_overlap": args.archive_overlap,
                     "max_ongoing_requests": max(64, 2 * args.clients + args.archive_max_batches)}
         serve.run(app_builder(app_args), name=APP, route_prefix="/")
         url = f"http://127.0.0.1:{port}/v1/detect"
