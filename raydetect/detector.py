@@ -99,6 +99,7 @@ class Detector:
         #: Totals over this detector's life: bytes uploaded, images per decoder.
         self.gpu_counters: dict[str, int] = {"h2d_bytes": 0, "nvjpeg": 0, "cpu_decoded": 0}
         self._streams = threading.local()  # the CUDA stream of each calling thread
+        self._counters_lock = threading.Lock()
 
     # --- stages -------------------------------------------------------------------------
     def _choose_stages(self) -> None:
@@ -318,8 +319,9 @@ class Detector:
             t0 = time.perf_counter()
             p = self.prepare(images[s : s + self.chunk])
             t.decode += time.perf_counter() - t0
-            for k in ("h2d_bytes", "nvjpeg", "cpu_decoded"):
-                self.gpu_counters[k] += getattr(p, k)
+            with self._counters_lock:  # calls may run at once (an actor's threads, Serve's)
+                for k in ("h2d_bytes", "nvjpeg", "cpu_decoded"):
+                    self.gpu_counters[k] += getattr(p, k)
             for name, c in p.decoder_counts().items():
                 t.decoders[name] = t.decoders.get(name, 0) + c
             return p
