@@ -268,6 +268,13 @@ def results_to_table(results: list[ImageResult], model: ModelIdentity) -> pa.Tab
     )
 
 
+def error_rows(errors: dict[str, str], uri_prefix: str, model_sha256: str, precision: str) -> pa.Table:
+    """Result rows for inputs no engine ran on (``engine`` is null): ``errors`` maps each
+    input's path to its reason."""
+    results = [ImageResult(uri=uri_prefix + p, error=reason) for p, reason in errors.items()]
+    return results_to_table(results, ModelIdentity(sha256=model_sha256, precision=precision))
+
+
 def table_to_results(table: pa.Table) -> list[ImageResult]:
     """Inverse of :func:`results_to_table` (used by tests, reports and evaluation)."""
     out = []

@@ -37,7 +37,7 @@ from raydetect.storage import (
     storage_failure,
     uri_prefix,
 )
-from raydetect.types import ImageResult, ModelIdentity, results_to_table
+from raydetect.types import error_rows
 
 log = logging.getLogger(__name__)
 
@@ -248,12 +248,6 @@ class Heartbeat:
                 self.stalls += 1
                 log.warning("no progress for %.0f s while %s (%d of %d images done); waiting on %s",
                             idle, self.phase, self.done, self.total, self.where)
-
-
-def error_rows(errors: dict[str, str], uri_prefix: str, model_sha256: str, precision: str):
-    """Result rows for inputs that could not be read (no engine ran: ``engine`` is null)."""
-    results = [ImageResult(uri=uri_prefix + p, error=reason) for p, reason in errors.items()]
-    return results_to_table(results, ModelIdentity(sha256=model_sha256, precision=precision))
 
 
 def _results(ds, stop: threading.Event, out: queue.Queue) -> None:

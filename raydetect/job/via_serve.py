@@ -204,16 +204,13 @@ class ServeCaller:
 
     def _too_large(self, uris: list[str], sizes: list[int]) -> pa.Table:
         """Error rows for images larger than one request to a replica may be (no engine ran)."""
-        from raydetect.types import ImageResult, ModelIdentity, results_to_table
+        from raydetect.types import error_rows
 
-        results = []
-        for uri, n in zip(uris, sizes, strict=True):
-            r = ImageResult(uri=uri)
-            r.fail(f"{n} bytes: larger than one request to the Serve replicas may be ({self.max_request_bytes} "
-                   f"bytes, RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH); run it without --via-serve",
-                   "too_large")
-            results.append(r)
-        return results_to_table(results, ModelIdentity(sha256=self.model_sha256, precision=self.precision))
+        limit = self.max_request_bytes
+        reasons = {uri: f"{n} bytes: larger than one request to the Serve replicas may be ({limit} bytes, "
+                        "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH); run it without --via-serve"
+                   for uri, n in zip(uris, sizes, strict=True)}
+        return error_rows(reasons, "", self.model_sha256, self.precision)
 
     def _check_model(self, table: pa.Table) -> None:
         if table.num_rows == 0:
