@@ -98,22 +98,65 @@ class JobSummary:
         return {**asdict(self), "images_per_s": self.images_per_s}
 
 
+def read_blocks(files: int, rows_per_call: int, actors: int, max_files_per_block: int = 256) -> list[tuple[slice, int]]:
+    """How to cut ``files`` inputs into read blocks: ``(files slice, blocks)`` pairs for
+    ``read_binary_files(override_num_blocks=blocks)``. Every block but the last holds a whole
+    number of detector calls (``rows_per_call`` files each), so the calls get full batches:
+    Ray Data splits each block into calls on its own, and its default blocks (12 files each
+    for 240 photos, 200 each for 40,000 files) gave calls of 8+4 and 64+64+64+8. At least 4
+    blocks per actor where there are enough files; at most ``max_files_per_block`` files (or
+    one call) in a block, which bounds a block's bytes."""
+    calls = files // rows_per_call
+    per_block = max(1, min(max_files_per_block // rows_per_call, calls // (4 * actors)))
+    whole = calls // per_block * per_block * rows_per_call  # files in full blocks
+    out = [(slice(0, whole), whole // (per_block * rows_per_call))] if whole else []
+    if files > whole:
+        out.append((slice(whole, files), 1))
+    return out
+
+
+def read_inputs(files: list[str], fs, rows_per_call: int, actors: int):
+    """The lazy Ray Dataset of ``{"bytes", "path"}`` rows for ``files`` on ``fs``, in blocks
+    cut by :func:`read_blocks`."""
+    import ray
+
+    plain = [f for f in files if not needs_own_reader(f)]
+    odd = [f for f in files if needs_own_reader(f)]
+    ds = None
+    for part, blocks in read_blocks(len(plain), rows_per_call, actors):
+        read = ray.data.read_binary_files(plain[part], filesystem=fs, include_paths=True, override_num_blocks=blocks)
+        ds = read if ds is None else ds.union(read)
+    if odd:  # names Ray Data's reader would rewrite (rare): read them with fsspec in one task
+        own = ray.data.from_items([{"path": p} for p in odd], override_num_blocks=1).map_batches(
+            read_paths, fn_kwargs={"fs": fs}, batch_size=rows_per_call, batch_format="numpy")
+        ds = own if ds is None else ds.union(own)
+    return ds
+
+
+def initial_actors(cfg: JobConfig, files: int, free_cpus: float) -> int:
+    """Detector actors to start at once: as many as the input can keep busy, up to
+    ``cfg.concurrency``, not ``min_actors``, from which the pool adds them one at a time as its
+    queue grows (2 actors on 2 CPUs, 240 images: the second started 5-8 s after the first).
+    Only as many as the ``free_cpus`` now leave one CPU for the read tasks: actors started
+    ahead of the pool's own resource budget could otherwise take every CPU and starve the
+    reads that feed them (that job hung)."""
+    rows = cfg.rows_per_call or cfg.detector.batch_size
+    fit = int((free_cpus - 1) // cfg.num_cpus) if cfg.num_cpus > 0 else cfg.concurrency
+    return max(min(cfg.min_actors, cfg.concurrency), min(cfg.concurrency, -(-files // rows), fit))
+
+
 def build_dataset(cfg: JobConfig, files: list[str], fs, serve_info: dict | None = None):
     """The lazy Ray Dataset of result rows for ``files`` on ``fs`` (through the Serve app's
     replicas when ``cfg.via_serve``; ``serve_info`` is what they reported)."""
     import ray
 
-    plain = [f for f in files if not needs_own_reader(f)]
-    odd = [f for f in files if needs_own_reader(f)]
-    ds = ray.data.read_binary_files(plain, filesystem=fs, include_paths=True) if plain else None
-    if odd:  # names Ray Data's reader would rewrite: read them with fsspec in a task
-        own = ray.data.from_items([{"path": p} for p in odd]).map_batches(
-            read_paths, fn_kwargs={"fs": fs}, batch_size=8, batch_format="numpy")
-        ds = own if ds is None else ds.union(own)
+    rows = cfg.rows_per_call or cfg.detector.batch_size
+    ds = read_inputs(files, fs, rows, cfg.concurrency)
     from raydetect.job.metrics import MeteredDetector
 
     max_size = cfg.concurrency
     min_size = min(cfg.min_actors, max_size)
+    initial = initial_actors(cfg, len(files), ray.available_resources().get("CPU", 0.0))
     threads = {}
     if cfg.actor_concurrency > 1:  # calls run in threads: one decodes while another infers
         threads = {"max_concurrent_calls_per_actor": cfg.actor_concurrency, "enable_true_multi_threading": True}
@@ -137,9 +180,9 @@ def build_dataset(cfg: JobConfig, files: list[str], fs, serve_info: dict | None 
                 "uri_prefix": uri_prefix(fs),
                 "job": cfg.output,
             },
-            batch_size=cfg.rows_per_call or cfg.detector.batch_size,
+            batch_size=rows,
             batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(min_size=min_size, max_size=max_size, **threads),
+            compute=ray.data.ActorPoolStrategy(min_size=min_size, max_size=max_size, initial_size=initial, **threads),
             num_cpus=cfg.num_cpus,
         )
     return ds.map_batches(
@@ -149,9 +192,9 @@ def build_dataset(cfg: JobConfig, files: list[str], fs, serve_info: dict | None 
             "uri_prefix": uri_prefix(fs),
             "job": cfg.output,
         },
-        batch_size=cfg.rows_per_call or cfg.detector.batch_size,
+        batch_size=rows,
         batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(min_size=min_size, max_size=max_size, **threads),
+        compute=ray.data.ActorPoolStrategy(min_size=min_size, max_size=max_size, initial_size=initial, **threads),
         num_cpus=cfg.num_cpus,
         num_gpus=cfg.num_gpus,
     )

@@ -78,6 +78,52 @@ def test_local_job_matches_reference_and_keeps_bad_rows(ray_local, image_dir, tm
     assert len(set(table.column("model_sha256").to_pylist())) == 1
 
 
+def test_read_blocks_hold_whole_detector_calls(ray_local, tmp_path):
+    """With Ray Data's own read blocks (12 files each for 240 files) calls of 8 came out 8 and
+    4; the job's blocks hold whole calls, so every call but the last is full."""
+    import fsspec
+
+    from raydetect.job.run import read_blocks, read_inputs
+
+    assert read_blocks(240, 8, 2) == [(slice(0, 240), 10)]
+    assert read_blocks(243, 8, 2) == [(slice(0, 240), 10), (slice(240, 243), 1)]
+    assert read_blocks(5, 8, 1) == [(slice(0, 5), 1)]
+    assert read_blocks(0, 8, 1) == []
+    assert read_blocks(40_000, 64, 4) == [(slice(0, 39_936), 156), (slice(39_936, 40_000), 1)]  # 256 a block
+    files = []
+    for i in range(243):
+        (tmp_path / f"{i:04d}.jpg").write_bytes(b"x" * (i + 1))
+        files.append(str(tmp_path / f"{i:04d}.jpg"))
+    odd = tmp_path / "odd\tname.jpg"  # read by the job's own reader task
+    odd.write_bytes(b"odd")
+    files.append(str(odd))
+    ds = read_inputs(files, fsspec.filesystem("file"), 8, 2)
+    sizes = ds.map_batches(lambda b: {"n": [len(b["path"])]}, batch_size=8, batch_format="numpy")
+    sizes = sorted(int(n) for n in sizes.to_pandas()["n"])
+    assert sum(sizes) == 244 and sizes.count(8) == 30  # + the 3 left over and the odd one
+
+
+def test_initial_actors():
+    from raydetect.job.run import initial_actors
+
+    cfg = job_config("/in", "/out", batch_size=8).model_copy(update={"concurrency": 4})
+    assert initial_actors(cfg, 240, free_cpus=16) == 4  # all at once where they fit
+    assert initial_actors(cfg, 16, free_cpus=16) == 2  # no more than the input keeps busy
+    assert initial_actors(cfg, 240, free_cpus=2) == 1  # one CPU stays for the read tasks
+    assert initial_actors(cfg, 240, free_cpus=0) == 1  # min_actors; the pool grows as CPUs come
+    assert initial_actors(cfg.model_copy(update={"num_cpus": 0.5}), 240, free_cpus=2) == 2
+
+
+def test_a_job_with_an_actor_per_cpu(ray_local, image_dir, tmp_path):
+    """As many actors as the 2-CPU test cluster has CPUs: the reads that feed them must still
+    run (actors all started at once took both CPUs, and this job hung)."""
+    cfg = job_config(image_dir, tmp_path / "out", threads=1).model_copy(update={"concurrency": 2})
+    summary = run_job(cfg)
+    files = sorted(str(p) for p in image_dir.iterdir() if p.suffix != ".txt")
+    _, rows = read_rows(tmp_path / "out")
+    assert sorted(rows) == files and summary.errors == len(BAD)
+
+
 def test_existing_output_is_refused(ray_local, image_dir, tmp_path):
     out = tmp_path / "out"
     run_job(job_config(image_dir, out, model=str(MODELS / "yolov8n-defects.onnx")), overwrite=False)
