@@ -36,7 +36,7 @@ pack_stripped() {
 }
 
 # ray_carry [GLOB...]: $DEST/wheels = the wheels of Ray's bundle (../shared/device/bundle.sh,
-# cached in $BUNDLE) except those matching a GLOB, plus onnx2torch (the torch engine's ONNX
+# cached in $BUNDLE) except those matching a GLOB, plus ml_dtypes<0.7 and onnx2torch (the torch engine's ONNX
 # converter, not in the device image: without it the detector falls back to ONNX Runtime on the
 # CPU and a job measures nothing of the GPU); $DEST/ray-slim.tar.xz = Ray with its binaries stripped
 ray_carry() {
@@ -48,6 +48,8 @@ ray_carry() {
     cp "$w" "$DEST/wheels/"
   done
   python3 -m pip download -q --no-deps "${PLAT[@]}" -d "$DEST/wheels" "$ONNX2TORCH"
+  # onnx's ml_dtypes as pyproject.toml pins it: 0.7.0 takes 0.8 s to import in every actor
+  python3 -m pip download -q --no-deps "${PLAT[@]}" -d "$DEST/wheels" "ml_dtypes<0.7"
   local un
   un=$(mktemp -d)
   xz -dc "$BUNDLE/ray-slim.tar.xz" | tar -C "$un" -xf -
