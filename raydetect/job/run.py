@@ -136,7 +136,7 @@ def read_inputs(files: list[str], fs, rows_per_call: int, actors: int):
 def initial_actors(cfg: JobConfig, files: int, free_cpus: float) -> int:
     """Detector actors to start at once: as many as the input can keep busy, up to
     ``cfg.concurrency``, not ``min_actors``, from which the pool adds them one at a time as its
-    queue grows (2 actors on 2 CPUs, 240 images: the second started 5-8 s after the first).
+    queue grows (2 actors on 2 CPUs, 240 images: the second started 3-8 s after the first).
     Only as many as the ``free_cpus`` now leave one CPU for the read tasks: actors started
     ahead of the pool's own resource budget could otherwise take every CPU and starve the
     reads that feed them (that job hung)."""
