@@ -36,6 +36,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import get_args
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -43,6 +44,8 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 DATA = Path(os.environ.get("RAYDETECT_TEST_DATA", REPO.parent / "shared" / "data"))
 
 from serve_load import free_port, machine_info, measure  # noqa: E402
+
+from raydetect.config import ServeConfig  # noqa: E402
 
 APP = "pool"
 
@@ -191,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
                    "--standalone-batch-size; --max-batch-size gives the archive the online batch size)")
     p.add_argument("--batch-wait-ms", type=float, default=5.0)
     p.add_argument("--archive-max-batches", type=int, default=4)
-    p.add_argument("--archive-overlap", choices=("auto", "on", "off"), default="auto",
+    overlap = ServeConfig.model_fields["archive_overlap"]
+    p.add_argument("--archive-overlap", choices=get_args(overlap.annotation), default=overlap.default,
                    help="ServeConfig.archive_overlap of the replicas")
     p.add_argument("--clients", type=int, default=32)
     p.add_argument("--client-procs", type=int, default=4)

@@ -90,38 +90,33 @@ def to_tensor(images: list[np.ndarray]) -> np.ndarray:
 
 
 def unletterbox_boxes(boxes: np.ndarray, g: Letterbox, orig_h: int, orig_w: int) -> np.ndarray:
-    """Map xyxy boxes from letterboxed to original pixel coordinates, clipped to the image.
+    """Map xyxy boxes from letterboxed to original pixel coordinates, clipped to the image
+    (:func:`unletterbox_many` for one image).
 
     One gain per axis, from the rounded resize (``new_w / w``, ``new_h / h``), as Ultralytics
     >= 8.4's ``scale_boxes``: the single ratio ``r`` is off by up to half a letterbox pixel
     (about 1.5 px at 1080p) on the axis whose size was rounded."""
-    out = boxes.astype(np.float32, copy=True).reshape(-1, 4)
-    # x1, x2 and y1, y2 as strided views: in place, no fancy-indexing copies (this runs once per
-    # image on the detector's hot path)
-    for v, pad, gain, hi in ((out[:, 0::2], g.pad_left, g.gain_x, orig_w), (out[:, 1::2], g.pad_top, g.gain_y, orig_h)):
-        v -= np.float32(pad)
-        v /= np.float32(gain)
-        np.minimum(np.maximum(v, np.float32(0), out=v), np.float32(hi), out=v)  # np.clip, faster
-    return out
+    return unletterbox_many([boxes], [g], [(orig_h, orig_w)])[0]
 
 
 def unletterbox_many(boxes: list[np.ndarray], geoms: list[Letterbox], sizes: list[tuple[int, int]]) -> list[np.ndarray]:
     """:func:`unletterbox_boxes` for the boxes of many images at once (``sizes``: original
-    ``(h, w)`` each): the same float32 arithmetic, one pass over all boxes instead of a dozen
-    NumPy calls per image; returns one ``[k, 4]`` view per image."""
+    ``(h, w)`` each): float32 arithmetic in one pass over all boxes instead of a dozen NumPy
+    calls per image; returns one ``[k, 4]`` array per image."""
     n = len(boxes)
     counts = np.fromiter((len(b) for b in boxes), dtype=np.int64, count=n)
     if not counts.any():
         return [np.zeros((0, 4), np.float32) for _ in range(n)]
     out = np.concatenate([b.reshape(-1, 4) for b in boxes]).astype(np.float32, copy=False)
-    # per image: pad x, pad y, gain x, gain y, width, height (float32, as the one-image path)
+    # per image: pad x, pad y, gain x, gain y, width, height (float32)
     per = np.array([(g.pad_left, g.pad_top, g.gain_x, g.gain_y, w, h) for g, (h, w) in zip(geoms, sizes, strict=True)],
                    dtype=np.float64).astype(np.float32)
     rep = np.repeat(per, counts, axis=0)
+    # x1, x2 and y1, y2 as strided views: in place, no fancy-indexing copies
     for v, c in ((out[:, 0::2], 0), (out[:, 1::2], 1)):
         v -= rep[:, c : c + 1]
         v /= rep[:, c + 2 : c + 3]
-        np.minimum(np.maximum(v, np.float32(0), out=v), rep[:, c + 4 : c + 5], out=v)
+        np.minimum(np.maximum(v, np.float32(0), out=v), rep[:, c + 4 : c + 5], out=v)  # np.clip, faster
     return np.split(out, np.cumsum(counts)[:-1])
 
 
