@@ -101,15 +101,18 @@ def wait_for_actor_resources(
     )
 
 
-def initial_actors(cfg: JobConfig, files: int, free_cpus: float, rows_per_call: int | None = None) -> int:
+def initial_actors(cfg: JobConfig, files: int, free_cpus: float, rows_per_call: int | None = None,
+                   spare_cpus: float = 0.0) -> int:
     """Detector actors to start at once: as many as the input can keep busy, up to
     ``cfg.concurrency``, not ``min_actors``, from which the pool adds them one at a time as its
     queue grows (2 actors on 2 CPUs, 240 images: the second started 3-8 s after the first).
-    Only as many as the ``free_cpus`` now leave one CPU for the read tasks: actors started
-    ahead of the pool's own resource budget could otherwise take every CPU and starve the
-    reads that feed them (that job hung). ``rows_per_call`` defaults to the image job's
-    (``cfg.rows_per_call`` or the detector batch); a video job passes its sessions per actor,
-    with ``files`` the videos (a lower bound of its segments)."""
+    Only as many as the ``free_cpus`` hold while ``spare_cpus`` stay free for the tasks that
+    feed them: actors started ahead of the pool's own resource budget could otherwise take
+    every CPU and starve those tasks (a job whose reads ran in tasks hung so). An image job's
+    actors read their own files (no tasks: 0); a video job's segments are planned in tasks (1).
+    ``rows_per_call`` defaults to the image job's (``cfg.rows_per_call`` or the detector
+    batch); a video job passes its sessions per actor, with ``files`` the videos (a lower bound
+    of its segments)."""
     rows = rows_per_call or cfg.rows_per_call or cfg.detector.batch_size
-    fit = int((free_cpus - 1) // cfg.num_cpus) if cfg.num_cpus > 0 else cfg.concurrency
+    fit = int((free_cpus - spare_cpus) // cfg.num_cpus) if cfg.num_cpus > 0 else cfg.concurrency
     return max(min(cfg.min_actors, cfg.concurrency), min(cfg.concurrency, -(-files // rows), fit))

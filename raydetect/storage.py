@@ -171,12 +171,6 @@ def has_surrogates(path: str) -> bool:
         return True
 
 
-def needs_own_reader(path: str) -> bool:
-    """Ray Data's file reader rewrites paths with control characters (it drops newlines and
-    tabs and then reads a file that does not exist): such files are read by raydetect itself."""
-    return any(ord(c) < 0x20 or ord(c) == 0x7F for c in path)
-
-
 @dataclass
 class InputListing:
     """Everything under an input location, sorted: ``files`` to run, ``errors`` (entries that
@@ -310,11 +304,36 @@ def list_files(
     return listing.fs, listing.files
 
 
-def read_paths(batch: dict, fs) -> dict:
-    """Ray Data ``map_batches`` function: ``{"path": [...]}`` → ``{"bytes", "path"}`` read with
-    ``fs`` (for the names :func:`needs_own_reader` selects)."""
+def read_files(paths: list[str], fs: fsspec.AbstractFileSystem) -> tuple[list[bytes], dict[int, str]]:
+    """The bytes of ``paths`` on ``fs``, and the reasons of those that could not be read
+    (``{index: reason}``; their bytes are empty). The files are fetched together: fsspec's
+    ``cat_ranges`` runs the requests concurrently on s3fs and the other async filesystems
+    (one GET per file, no HEAD), one after another on local disk; names are never globbed.
+    Storage that cannot be reached raises instead (:func:`storage_failure`): the job stops,
+    to be resumed, rather than writing error rows for files that are fine."""
+    got = fs.cat_ranges(list(paths), None, None, on_error="return")
+    data: list[bytes] = []
+    errors: dict[int, str] = {}
+    for i, g in enumerate(got):
+        if isinstance(g, BaseException):
+            if storage_failure(g) is not None:
+                raise g
+            data.append(b"")
+            errors[i] = f"cannot read: {type(g).__name__}: {str(g).splitlines()[0] if str(g) else ''}".rstrip(": ")
+        else:
+            data.append(bytes(g))
+    return data, errors
+
+
+def read_batch(batch: dict, fs: fsspec.AbstractFileSystem, uri_prefix: str = "") -> tuple[list[bytes], list[str], dict[str, str]]:
+    """A job's batch of inputs, ``{"path": [...]}``, read (:func:`read_files`): the bytes and
+    URIs (``uri_prefix`` + path) of the files that could be read, and ``{uri: reason}`` for
+    the others (each becomes an error row)."""
     paths = [str(p) for p in batch["path"]]
-    return {"bytes": [fs.cat_file(p) for p in paths], "path": paths}
+    data, errors = read_files(paths, fs)
+    images = [d for i, d in enumerate(data) if i not in errors]
+    uris = [uri_prefix + p for i, p in enumerate(paths) if i not in errors]
+    return images, uris, {uri_prefix + paths[i]: reason for i, reason in errors.items()}
 
 
 # --- storage failures ------------------------------------------------------------------------

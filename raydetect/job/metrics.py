@@ -11,7 +11,7 @@ raydetect_job_images                   counter    image rows produced
 raydetect_job_frames                   counter    video frame rows produced
 raydetect_job_detections               counter    boxes produced
 raydetect_job_errors                   counter    rows with ``error`` set
-raydetect_job_batch_latency_s          histogram  seconds per detector call (decode+infer+NMS)
+raydetect_job_batch_latency_s          histogram  seconds per detector call (read+decode+infer+NMS)
 raydetect_job_batch_images             histogram  rows per detector call
 raydetect_job_gpu_memory_bytes         gauge      peak CUDA memory allocated by torch in the actor
 =================================  =========  =================================================
@@ -29,6 +29,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from raydetect.detector import Detector
+from raydetect.storage import read_batch
+from raydetect.types import ImageResult
 
 LATENCY_BOUNDARIES = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]
 SIZE_BOUNDARIES = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]
@@ -101,15 +103,20 @@ class JobMetrics:
 
 
 class MeteredDetector(Detector):
-    """The job's ``map_batches`` callable: a :class:`Detector` that records :class:`JobMetrics`
-    for every call."""
+    """The job's ``map_batches`` callable: a :class:`Detector` that reads its batch's files
+    from ``fs`` (:func:`~raydetect.storage.read_batch`: concurrent GETs on object storage, an
+    error row for a file that cannot be read) and records :class:`JobMetrics` for every call."""
 
-    def __init__(self, config: Any, uri_prefix: str = "", job: str = "raydetect") -> None:
+    def __init__(self, config: Any, fs: Any, uri_prefix: str = "", job: str = "raydetect") -> None:
         super().__init__(config, uri_prefix=uri_prefix)
+        self.fs = fs
         self.metrics = JobMetrics(job)
 
     def __call__(self, batch: dict[str, Any]) -> pa.Table:
         t0 = time.perf_counter()
-        table = super().__call__(batch)
+        images, uris, unreadable = read_batch(batch, self.fs, self.uri_prefix)
+        results = self.detect(images, uris) if images else []
+        results += [ImageResult(uri=u, error=reason, error_kind="input") for u, reason in unreadable.items()]
+        table = self.to_table(results)
         self.metrics.record(table, time.perf_counter() - t0)
         return table

@@ -27,10 +27,8 @@ from raydetect.job import output as sh
 from raydetect.storage import (
     Location,
     StorageUnavailableError,
-    needs_own_reader,
     normalise_url,
     read_bytes,
-    read_paths,
     scan_inputs,
     sha256_bytes,
     show,
@@ -99,13 +97,13 @@ class JobSummary:
 
 
 def read_blocks(files: int, rows_per_call: int, actors: int, max_files_per_block: int = 256) -> list[tuple[slice, int]]:
-    """How to cut ``files`` inputs into read blocks: ``(files slice, blocks)`` pairs for
-    ``read_binary_files(override_num_blocks=blocks)``. Every block but the last holds a whole
-    number of detector calls (``rows_per_call`` files each), so the calls get full batches:
-    Ray Data splits each block into calls on its own, and its default blocks (12 files each
-    for 240 photos, 200 each for 40,000 files) gave calls of 8+4 and 64+64+64+8. At least 4
-    blocks per actor where there are enough files; at most ``max_files_per_block`` files (or
-    one call) in a block, which bounds a block's bytes."""
+    """How to cut ``files`` inputs into blocks of paths: ``(files slice, blocks)`` pairs, the
+    slice cut into ``blocks`` equal blocks. Every block but the last holds a whole number of
+    detector calls (``rows_per_call`` files each), so the calls get full batches: Ray Data
+    splits each block into calls on its own, and the default blocks of its binary-file reader
+    (12 files each for 240 photos, 200 each for 40,000 files) gave calls of 8+4 and
+    64+64+64+8. At least 4 blocks per actor where there are enough files, so the actors share
+    the work evenly; at most ``max_files_per_block`` files (or one call) in a block."""
     calls = files // rows_per_call
     per_block = max(1, min(max_files_per_block // rows_per_call, calls // (4 * actors)))
     whole = calls // per_block * per_block * rows_per_call  # files in full blocks
@@ -115,22 +113,21 @@ def read_blocks(files: int, rows_per_call: int, actors: int, max_files_per_block
     return out
 
 
-def read_inputs(files: list[str], fs, rows_per_call: int, actors: int):
-    """The lazy Ray Dataset of ``{"bytes", "path"}`` rows for ``files`` on ``fs``, in blocks
-    cut by :func:`read_blocks`."""
+def read_inputs(files: list[str], rows_per_call: int, actors: int):
+    """The lazy Ray Dataset of ``{"path"}`` rows for ``files``, in blocks cut by
+    :func:`read_blocks`. The detector actors read the files themselves (``read_batch``: the
+    GETs of a call run concurrently on object storage, where Ray Data's binary reader fetched
+    each read task's files one after another; no read tasks compete with the actors for CPUs;
+    a file that cannot be read becomes an error row)."""
+    import pyarrow as pa
     import ray
 
-    plain = [f for f in files if not needs_own_reader(f)]
-    odd = [f for f in files if needs_own_reader(f)]
-    ds = None
-    for part, blocks in read_blocks(len(plain), rows_per_call, actors):
-        read = ray.data.read_binary_files(plain[part], filesystem=fs, include_paths=True, override_num_blocks=blocks)
-        ds = read if ds is None else ds.union(read)
-    if odd:  # names Ray Data's reader would rewrite (rare): read them with fsspec in one task
-        own = ray.data.from_items([{"path": p} for p in odd], override_num_blocks=1).map_batches(
-            read_paths, fn_kwargs={"fs": fs}, batch_size=rows_per_call, batch_format="numpy")
-        ds = own if ds is None else ds.union(own)
-    return ds
+    tables = []
+    for part, blocks in read_blocks(len(files), rows_per_call, actors):
+        chunk = files[part]
+        size = -(-len(chunk) // blocks)
+        tables += [pa.table({"path": pa.array(chunk[i:i + size], pa.string())}) for i in range(0, len(chunk), size)]
+    return ray.data.from_arrow(tables)
 
 
 def build_dataset(cfg: JobConfig, files: list[str], fs, serve_info: dict | None = None):
@@ -139,7 +136,7 @@ def build_dataset(cfg: JobConfig, files: list[str], fs, serve_info: dict | None 
     import ray
 
     rows = cfg.rows_per_call or cfg.detector.batch_size
-    ds = read_inputs(files, fs, rows, cfg.concurrency)
+    ds = read_inputs(files, rows, cfg.concurrency)
     from raydetect.job.metrics import MeteredDetector
     from raydetect.resources import initial_actors
 
@@ -166,6 +163,7 @@ def build_dataset(cfg: JobConfig, files: list[str], fs, serve_info: dict | None 
                 "conf": det.conf,
                 "iou": det.iou,
                 "max_det": det.max_det,
+                "fs": fs,
                 "uri_prefix": uri_prefix(fs),
                 "job": cfg.output,
             },
@@ -178,6 +176,7 @@ def build_dataset(cfg: JobConfig, files: list[str], fs, serve_info: dict | None 
         MeteredDetector,
         fn_constructor_kwargs={
             "config": cfg.detector,
+            "fs": fs,
             "uri_prefix": uri_prefix(fs),
             "job": cfg.output,
         },

@@ -21,6 +21,8 @@ from typing import Any
 import pyarrow as pa
 
 from raydetect.config import ConfigError
+from raydetect.storage import read_batch
+from raydetect.types import error_rows
 
 log = logging.getLogger(__name__)
 
@@ -131,12 +133,13 @@ class ServeCaller:
     """The job's ``map_batches`` callable with ``--via-serve``: each Ray Data batch is cut into
     sub-batches of the replicas' engine batch (``engine_batch_size``: one archive-only engine
     call), all sent at once (several archive batches
-    in flight per caller), and their rows concatenated. Busy answers and dead replicas are
+    in flight per caller), and their rows concatenated. The batch's files are read here, from
+    ``fs`` (:func:`~raydetect.storage.read_batch`). Busy answers and dead replicas are
     retried with backoff for up to :data:`RETRY_WINDOW_S`."""
 
     def __init__(self, app: str, model_sha256: str, sub_batch: int, conf: float, iou: float,
-                 max_det: int, uri_prefix: str = "", job: str = "raydetect", max_request_bytes: int | None = None,
-                 precision: str | None = None) -> None:
+                 max_det: int, fs: Any, uri_prefix: str = "", job: str = "raydetect",
+                 max_request_bytes: int | None = None, precision: str | None = None) -> None:
         from raydetect.job.metrics import JobMetrics
 
         self.app = app
@@ -146,6 +149,7 @@ class ServeCaller:
         self.max_request_bytes = max_request_bytes
         self.params = {"conf": conf, "iou": iou, "max_det": max_det}
         self.uri_prefix = uri_prefix
+        self.fs = fs
         self.metrics = JobMetrics(job)
         self.retries = 0
         self._handle = None
@@ -157,13 +161,14 @@ class ServeCaller:
 
     def __call__(self, batch: dict[str, Any]) -> pa.Table:
         t0 = time.perf_counter()
-        images = [bytes(b) for b in batch["bytes"]]
-        uris = [self.uri_prefix + str(p) for p in batch["path"]]
+        images, uris, unreadable = read_batch(batch, self.fs, self.uri_prefix)
         requests, too_large = split_requests([len(b) for b in images], self.sub_batch, self.max_request_bytes)
         chunks = [([images[i] for i in r], [uris[i] for i in r]) for r in requests]
         tables: list[pa.Table | None] = [None] * len(chunks)
         if too_large:
             tables.append(self._too_large([uris[i] for i in too_large], [len(images[i]) for i in too_large]))
+        if unreadable:
+            tables.append(error_rows(unreadable, "", self.model_sha256, self.precision))
         pending = {i: self.handle().remote(imgs, us, **self.params) for i, (imgs, us) in enumerate(chunks)}
         first_failure: dict[int, float] = {}
         delay = 0.01
@@ -204,8 +209,6 @@ class ServeCaller:
 
     def _too_large(self, uris: list[str], sizes: list[int]) -> pa.Table:
         """Error rows for images larger than one request to a replica may be (no engine ran)."""
-        from raydetect.types import error_rows
-
         limit = self.max_request_bytes
         reasons = {uri: f"{n} bytes: larger than one request to the Serve replicas may be ({limit} bytes, "
                         "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH); run it without --via-serve"

@@ -214,7 +214,7 @@ def build_video_dataset(cfg: JobConfig, uris: list[str]):
     from raydetect.resources import initial_actors
 
     initial = initial_actors(cfg, len(uris), ray.available_resources().get("CPU", 0.0),
-                             rows_per_call=cfg.video.sessions)
+                             rows_per_call=cfg.video.sessions, spare_cpus=1)
     return ds.map_batches(
         VideoSegmentDetector,
         fn_constructor_kwargs={

@@ -81,8 +81,6 @@ def test_local_job_matches_reference_and_keeps_bad_rows(ray_local, image_dir, tm
 def test_read_blocks_hold_whole_detector_calls(ray_local, tmp_path):
     """With Ray Data's own read blocks (12 files each for 240 files) calls of 8 came out 8 and
     4; the job's blocks hold whole calls, so every call but the last is full."""
-    import fsspec
-
     from raydetect.job.run import read_blocks, read_inputs
 
     assert read_blocks(240, 8, 2) == [(slice(0, 240), 10)]
@@ -90,17 +88,45 @@ def test_read_blocks_hold_whole_detector_calls(ray_local, tmp_path):
     assert read_blocks(5, 8, 1) == [(slice(0, 5), 1)]
     assert read_blocks(0, 8, 1) == []
     assert read_blocks(40_000, 64, 4) == [(slice(0, 39_936), 156), (slice(39_936, 40_000), 1)]  # 256 a block
-    files = []
-    for i in range(243):
-        (tmp_path / f"{i:04d}.jpg").write_bytes(b"x" * (i + 1))
-        files.append(str(tmp_path / f"{i:04d}.jpg"))
-    odd = tmp_path / "odd\tname.jpg"  # read by the job's own reader task
-    odd.write_bytes(b"odd")
-    files.append(str(odd))
-    ds = read_inputs(files, fsspec.filesystem("file"), 8, 2)
+    files = [f"/in/{i:04d}.jpg" for i in range(243)]
+    ds = read_inputs(files, 8, 2)
     sizes = ds.map_batches(lambda b: {"n": [len(b["path"])]}, batch_size=8, batch_format="numpy")
     sizes = sorted(int(n) for n in sizes.to_pandas()["n"])
-    assert sum(sizes) == 244 and sizes.count(8) == 30  # + the 3 left over and the odd one
+    assert sum(sizes) == 243 and sizes.count(8) == 30  # + the 3 left over
+
+
+def test_read_batch_reads_every_name_and_reports_what_it_cannot(s3fs_client, tmp_path):
+    """The actors read their calls' files themselves: names with control or glob characters
+    are read as they are (never globbed), a file gone since the listing is an error row's
+    reason, the rest are unaffected; on S3 too (moto on 127.0.0.1)."""
+    import fsspec
+
+    from raydetect.storage import read_batch
+
+    names = ["a.jpg", "tab\there.jpg", "glob[1]*.jpg", "gone.jpg", "z.jpg"]
+    (tmp_path / "glob1x.jpg").write_bytes(b"decoy")  # what "glob[1]*.jpg" would match as a pattern
+    for i, n in enumerate(names):
+        if n != "gone.jpg":
+            (tmp_path / n).write_bytes(bytes([i]) * (i + 1))
+    local = [str(tmp_path / n) for n in names]
+    images, uris, unreadable = read_batch({"path": local}, fsspec.filesystem("file"), "file://")
+    assert uris == ["file://" + p for p in local if not p.endswith("gone.jpg")]
+    assert images == [bytes([i]) * (i + 1) for i, n in enumerate(names) if n != "gone.jpg"]
+    assert list(unreadable) == ["file://" + str(tmp_path / "gone.jpg")]
+    assert unreadable["file://" + str(tmp_path / "gone.jpg")].startswith("cannot read: FileNotFoundError")
+
+    bucket = "readbatch"
+    if not s3fs_client.exists(bucket):
+        s3fs_client.mkdir(bucket)
+    for i, n in enumerate(names):
+        if n != "gone.jpg":
+            s3fs_client.pipe(f"{bucket}/{n}", bytes([i]) * (i + 1))
+    s3fs_client.pipe(f"{bucket}/glob1x.jpg", b"decoy")
+    images, uris, unreadable = read_batch({"path": [f"{bucket}/{n}" for n in names]}, s3fs_client, "s3://")
+    assert uris == [f"s3://{bucket}/{n}" for n in names if n != "gone.jpg"]
+    assert images == [bytes([i]) * (i + 1) for i, n in enumerate(names) if n != "gone.jpg"]
+    assert list(unreadable) == [f"s3://{bucket}/gone.jpg"]
+    assert unreadable[f"s3://{bucket}/gone.jpg"].startswith("cannot read: FileNotFoundError")
 
 
 def test_initial_actors():
@@ -109,17 +135,20 @@ def test_initial_actors():
     cfg = job_config("/in", "/out", batch_size=8).model_copy(update={"concurrency": 4})
     assert initial_actors(cfg, 240, free_cpus=16) == 4  # all at once where they fit
     assert initial_actors(cfg, 16, free_cpus=16) == 2  # no more than the input keeps busy
-    assert initial_actors(cfg, 240, free_cpus=2) == 1  # one CPU stays for the read tasks
+    assert initial_actors(cfg, 240, free_cpus=2) == 2  # the actors read their own files: no read tasks
     assert initial_actors(cfg, 240, free_cpus=0) == 1  # min_actors; the pool grows as CPUs come
-    assert initial_actors(cfg.model_copy(update={"num_cpus": 0.5}), 240, free_cpus=2) == 2
-    # a video job: one call = video.sessions segments, and every video has one segment or more
-    assert initial_actors(cfg, 3, free_cpus=16, rows_per_call=1) == 3
-    assert initial_actors(cfg, 3, free_cpus=16, rows_per_call=2) == 2
+    assert initial_actors(cfg.model_copy(update={"num_cpus": 0.5}), 240, free_cpus=1.5) == 3
+    # a video job: one call = video.sessions segments, and every video has one segment or more;
+    # a CPU stays for the tasks that plan the segments
+    assert initial_actors(cfg, 3, free_cpus=16, rows_per_call=1, spare_cpus=1) == 3
+    assert initial_actors(cfg, 3, free_cpus=16, rows_per_call=2, spare_cpus=1) == 2
+    assert initial_actors(cfg, 240, free_cpus=2, rows_per_call=1, spare_cpus=1) == 1
 
 
 def test_a_job_with_an_actor_per_cpu(ray_local, image_dir, tmp_path):
-    """As many actors as the 2-CPU test cluster has CPUs: the reads that feed them must still
-    run (actors all started at once took both CPUs, and this job hung)."""
+    """As many actors as the 2-CPU test cluster has CPUs, started at once: the job must not
+    wait on anything that needs a CPU (when Ray Data's read tasks fed the actors, actors
+    started at once took both CPUs, and this job hung)."""
     cfg = job_config(image_dir, tmp_path / "out", threads=1).model_copy(update={"concurrency": 2})
     summary = run_job(cfg)
     files = sorted(str(p) for p in image_dir.iterdir() if p.suffix != ".txt")
