@@ -9,6 +9,7 @@ import time
 
 import cv2
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -127,6 +128,24 @@ def test_read_batch_reads_every_name_and_reports_what_it_cannot(s3fs_client, tmp
     assert images == [bytes([i]) * (i + 1) for i, n in enumerate(names) if n != "gone.jpg"]
     assert list(unreadable) == [f"s3://{bucket}/gone.jpg"]
     assert unreadable[f"s3://{bucket}/gone.jpg"].startswith("cannot read: FileNotFoundError")
+
+
+def test_a_file_gone_since_the_listing_is_an_error_row(ray_local, image_dir, tmp_path):
+    """The dataset of a job whose listing saw a file that is gone when its call reads it: that
+    file is an error row, the others of its call are detected."""
+    import fsspec
+
+    from raydetect.job.run import build_dataset
+
+    cfg = job_config(image_dir, tmp_path / "out", batch_size=4)
+    good = sorted(str(p) for p in image_dir.iterdir() if p.suffix != ".txt" and p.name not in BAD)[:3]
+    gone = str(tmp_path / "gone.jpg")
+    table = pa.concat_tables(build_dataset(cfg, [*good, gone], fsspec.filesystem("file")).iter_batches(
+        batch_size=None, batch_format="pyarrow"))
+    rows = {r["uri"]: r for r in table.to_pylist()}
+    assert sorted(rows) == sorted([*good, gone])
+    assert rows[gone]["error"].startswith("cannot read: FileNotFoundError")
+    assert all(rows[p]["error"] is None and rows[p]["width"] for p in good)
 
 
 def test_initial_actors():
