@@ -79,9 +79,11 @@ fi
 if [[ -n "${BASE_E2E:-}" && -d "$C/base/raydetect" ]]; then
   echo "base code: $(cat "$C/base/REV" 2>/dev/null)"
   rm -rf /tmp/base && mkdir -p /tmp/base && cp -r "$C/base/raydetect" benchmarks /tmp/base/
-  PYTHONPATH=/tmp/base:/tmp/site timeout $(( $(left) - ${POOL_S:-0} )) python3 /tmp/base/benchmarks/gpu_pipeline.py \
+  # run from /tmp/base: Ray puts the driver's working directory on its workers' sys.path, and
+  # from the checkout the actors imported this checkout's raydetect, not the base (2026-12-08)
+  (cd /tmp/base && PYTHONPATH=/tmp/base:/tmp/site timeout $(( $(left) - ${POOL_S:-0} )) python3 benchmarks/gpu_pipeline.py \
     --model $M --models $M --batches 64 --sections e2e --files ${FILES:-40000} --e2e "$BASE_E2E" \
-    --out "$OUT" --name gpu_pipeline_base 2>&1 | grep -E "^\| e2e|Traceback|Error" | tail -8
+    --out "$OUT" --name gpu_pipeline_base 2>&1 | grep -E "^\| e2e|Traceback|Error" | tail -8)
   echo "base e2e done at $(( $(date +%s) - t0 )) s"
 fi
 if [[ ",$STEPS," == *,pool,* ]]; then

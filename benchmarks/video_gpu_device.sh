@@ -53,8 +53,11 @@ timeout ${JOB_S:-$(( ${TOTAL_S:-585} - ($(date +%s) - t0) ))} $B --out $OUT/vide
 echo "job done at $(( $(date +%s) - t0 )) s"
 if [[ -n "${BASE_JOBS:-}" && -d "$C/base/raydetect" ]]; then
   echo "base code: $(cat "$C/base/REV" 2>/dev/null)"
-  PYTHONPATH="$C/base:$PYTHONPATH" timeout $(( ${TOTAL_S:-585} - ($(date +%s) - t0) )) $B --out $OUT/video_gpu_base \
-    --gpu job --tag-suffix _base --jobs "$BASE_JOBS" 2>&1 | grep -E "^(job|wrote|Traceback|[A-Za-z]*Error)" | tail -8
+  # from /tmp/vbase: Ray puts the driver's working directory on its workers' sys.path (from the
+  # checkout, the actors would import this checkout's raydetect, not the base)
+  rm -rf /tmp/vbase && mkdir -p /tmp/vbase && cp -r "$C/base/raydetect" benchmarks /tmp/vbase/
+  (cd /tmp/vbase && PYTHONPATH="/tmp/vbase:$PYTHONPATH" timeout $(( ${TOTAL_S:-585} - ($(date +%s) - t0) )) $B --out $OUT/video_gpu_base \
+    --gpu job --tag-suffix _base --jobs "$BASE_JOBS" 2>&1 | grep -E "^(job|wrote|Traceback|[A-Za-z]*Error)" | tail -8)
   echo "base jobs done at $(( $(date +%s) - t0 )) s"
 fi
 ls -la "$OUT"
