@@ -192,7 +192,7 @@ def test_responses_equal_the_batch_job_and_the_detector(server, client, detector
         input=str(tmp_path),
         output=str(tmp_path / "out"),
         detector=DetectorConfig(model=MODEL, max_pixels=MAX_PIXELS),
-        num_cpus=0.5,  # the replica holds 0.5 of the 2 CPUs; Ray Data's read tasks need 1
+        num_cpus=0.5,  # the replica holds 0.5 of the 2 CPUs: the job's actors fit beside it
         progress=False,
     )
     summary = run_job(cfg)
