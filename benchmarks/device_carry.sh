@@ -15,6 +15,7 @@
 # Needs: pip (wheels for the device's CPython 3.12), xz, tar, strip; ~3 min (c15 builds Ray's
 # bundle with ../shared/device/bundle.sh first, cached in $BUNDLE).
 set -euo pipefail
+trap 'echo "device_carry.sh: failed (exit $?) at line $LINENO: $BASH_COMMAND" >&2' ERR
 cd "$(dirname "$0")/.."
 WHAT=${1:?usage: device_carry.sh c12|c15|c18}
 case "$WHAT" in c12|c15|c18) ;; *) echo "unknown carry '$WHAT' (c12, c15 or c18)" >&2; exit 2 ;; esac
@@ -169,7 +170,10 @@ c12)
   # the GPU tests' decode inputs (grey baseline JPEGs; decoded and compared, never trained or
   # calibrated on) and py-spy, for a profile of a detector actor in the job's steady state
   mkdir -p "$DEST/defects/images/test"
-  find "$DATA/defects/images/test" -name "*.jpg" | sort | head -40 | xargs -I{} cp {} "$DEST/defects/images/test/"
+  # (no `| head` here: with pipefail, sort's SIGPIPE when head exits ended the script silently,
+  # before py-spy and BASE's code were added: 2026-12-08)
+  mapfile -t tests < <(find "$DATA/defects/images/test" -name "*.jpg" | sort)
+  cp "${tests[@]:0:40}" "$DEST/defects/images/test/"
   python3 -m pip download -q --no-deps "${PLAT[@]}" --platform manylinux_2_5_x86_64 -d "$DEST/wheels" py-spy==0.4.1
   # BASE=<git rev>: that revision's raydetect package too, for a same-host comparison of the
   # Ray job (gpu_device.sh's BASE_E2E runs gpu_pipeline.py with it, driver and actors)
