@@ -51,6 +51,11 @@ class StorageConfig(_Strict):
     connect_timeout_s: float = Field(10.0, gt=0.0, le=3600.0, description="S3: seconds to open a connection")
     read_timeout_s: float = Field(60.0, gt=0.0, le=3600.0, description="S3: seconds to wait for data on a connection")
     max_attempts: int = Field(3, ge=1, le=50, description="S3: attempts per request (botocore retries, standard mode)")
+    max_connections: int = Field(
+        64, ge=1, le=1024,
+        description="S3: connections per process (botocore max_pool_connections, default 10 there): "
+                    "how many GETs of a detector call's files run at once",
+    )
 
     def fsspec_options(self) -> dict[str, Any]:
         """Keyword arguments for ``s3fs.S3FileSystem``."""
@@ -70,6 +75,7 @@ class StorageConfig(_Strict):
             "connect_timeout": self.connect_timeout_s,
             "read_timeout": self.read_timeout_s,
             "retries": {"max_attempts": self.max_attempts, "mode": "standard"},
+            "max_pool_connections": self.max_connections,
         }
         return opts
 

@@ -204,6 +204,7 @@ STORAGE_FLAGS: dict[str, str] = {
     "connect_timeout_s": "--s3-connect-timeout",
     "read_timeout_s": "--s3-read-timeout",
     "max_attempts": "--s3-max-attempts",
+    "max_connections": "--s3-max-connections",
 }
 
 

@@ -130,6 +130,25 @@ def test_read_batch_reads_every_name_and_reports_what_it_cannot(s3fs_client, tmp
     assert unreadable[f"s3://{bucket}/gone.jpg"].startswith("cannot read: FileNotFoundError")
 
 
+def test_s3_connections_follow_the_config(s3_storage):
+    """botocore opens 10 connections per client unless told otherwise, which capped a call's
+    concurrent GETs at 10 (128 files at 300 ms each: 8.2 s, against 1.7 s with 64;
+    benchmarks/results/s3_connections.md). ``max_connections`` (--s3-max-connections) sets it."""
+    import argparse
+
+    from raydetect.cli.common import add_storage_args, config_values
+    from raydetect.config import StorageConfig
+    from raydetect.storage import filesystem
+
+    fs, _ = filesystem("s3://any/x.jpg", s3_storage)
+    assert fs.s3.meta.config.max_pool_connections == StorageConfig().max_connections == 64
+    fs, _ = filesystem("s3://any/x.jpg", s3_storage.model_copy(update={"max_connections": 7}))
+    assert fs.s3.meta.config.max_pool_connections == 7
+    p = argparse.ArgumentParser()
+    add_storage_args(p)
+    assert StorageConfig(**config_values(p.parse_args(["--s3-max-connections", "12"]))["storage"]).max_connections == 12
+
+
 def test_a_file_gone_since_the_listing_is_an_error_row(ray_local, image_dir, tmp_path):
     """The dataset of a job whose listing saw a file that is gone when its call reads it: that
     file is an error row, the others of its call are detected."""
