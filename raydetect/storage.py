@@ -319,9 +319,10 @@ def read_files(paths: list[str], fs: fsspec.AbstractFileSystem) -> tuple[list[by
             if storage_failure(g) is not None:
                 raise g
             data.append(b"")
-            errors[i] = f"cannot read: {type(g).__name__}: {str(g).splitlines()[0] if str(g) else ''}".rstrip(": ")
+            first = str(g).splitlines()[0] if str(g) else ""
+            errors[i] = f"cannot read: {type(g).__name__}" + (f": {first}" if first else "")
         else:
-            data.append(bytes(g))
+            data.append(g)
     return data, errors
 
 

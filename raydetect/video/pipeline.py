@@ -38,6 +38,7 @@ import pyarrow.parquet as pq
 
 from raydetect.config import DetectorConfig, JobConfig, StorageConfig, VideoConfig
 from raydetect.job import output as sh
+from raydetect.resources import initial_actors
 from raydetect.storage import filesystem, to_uri, write_bytes_atomic
 from raydetect.types import VIDEO_SUMMARY_SCHEMA, frame_results_to_table
 from raydetect.video.detect import SegmentTask, detect_segments, plan_video
@@ -211,8 +212,6 @@ def build_video_dataset(cfg: JobConfig, uris: list[str]):
     max_size = cfg.concurrency
     # as many actors at once as the videos keep busy (each has one segment or more), not
     # min_actors: the pool would add the rest one at a time, each seconds after the last
-    from raydetect.resources import initial_actors
-
     initial = initial_actors(cfg, len(uris), ray.available_resources().get("CPU", 0.0),
                              rows_per_call=cfg.video.sessions, spare_cpus=1)
     return ds.map_batches(
